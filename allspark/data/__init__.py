@@ -1,0 +1,106 @@
+"""Dataset readers (one per official format, each with a demo generator) and data loading helpers."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from allspark.data.base import DatasetFormatError, ModalityDataset
+from allspark.registry import DATASETS
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DatasetFormatError",
+    "ModalityDataset",
+    "EpochSampler",
+    "cache_dir",
+    "demo_root",
+    "resolve_data_root",
+    "build_dataset",
+    "build_loader",
+    "import_readers",
+]
+
+
+def import_readers() -> None:
+    """Import the modules whose import registers the built-in readers."""
+    from allspark.data import pavia  # noqa: F401
+
+
+def cache_dir() -> Path:
+    """Where allspark keeps derived files (demo datasets, dequantised LLM weights): ``$ALLSPARK_CACHE``
+    or ``~/.cache/allspark``."""
+    return Path(os.environ.get("ALLSPARK_CACHE", Path.home() / ".cache" / "allspark")).expanduser()
+
+
+def demo_root(dataset: str, seed: int = 0) -> Path:
+    """Folder of the demo dataset of reader ``dataset``; written on first use, in the reader's format."""
+    from allspark.io import atomic_dir
+
+    import_readers()
+    reader = DATASETS.get(dataset)
+    version = getattr(reader, "demo_version", 1)
+    root = cache_dir() / "demo" / f"{dataset}-v{version}-seed{seed}"
+    if not root.is_dir():
+        logger.info("writing the %s demo dataset to %s", dataset, root)
+        with atomic_dir(root) as tmp:
+            reader.write_demo(tmp, seed=seed)
+    return root
+
+
+def resolve_data_root(cfg: Any) -> Path:
+    """The data folder named by ``cfg.data.root``; ``demo`` gives the reader's demo dataset."""
+    if cfg.data.root == "demo":
+        return demo_root(cfg.data.dataset, cfg.data.demo_seed)
+    root = Path(cfg.data.root).expanduser()
+    if not root.is_dir():
+        raise DatasetFormatError(f"data root {str(root)!r} does not exist or is not a folder")
+    return root
+
+
+def build_dataset(cfg: Any, split: str, root: Path | None = None) -> ModalityDataset:
+    import_readers()
+    reader = DATASETS.get(cfg.data.dataset)
+    return reader(root if root is not None else resolve_data_root(cfg), split, **cfg.data.args)
+
+
+class EpochSampler(Sampler[int]):
+    """A permutation that depends only on (seed, epoch), so a resumed run sees the same order.
+
+    Every process draws the same permutation; accelerate then shards it into per-process batches.
+    """
+
+    def __init__(self, length: int, seed: int, shuffle: bool = True) -> None:
+        self.length = length
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        if not self.shuffle:
+            return iter(range(self.length))
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.length, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.length
+
+
+def build_loader(dataset: ModalityDataset, batch_size: int, *, num_workers: int = 0,
+                 sampler: Sampler | None = None) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=dataset.collate,
+        drop_last=False,
+    )

@@ -1,0 +1,65 @@
+"""``evaluate.py``: a checkpoint's modality protocol on the test split, with its report and figures."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+
+from allspark.config import ConfigError, apply_overrides, from_dict, to_dict, Config
+from allspark.data import build_dataset, build_loader, resolve_data_root
+from allspark.evaluation import build_evaluator, collect_predictions, write_metrics
+from allspark.model import CONFIG_NAME, AllSpark
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A run folder (use its ``best/``) or a ``save_pretrained`` folder."""
+    if (path / CONFIG_NAME).is_file() and (path / "model.safetensors").is_file():
+        return path
+    if (path / "best" / CONFIG_NAME).is_file():
+        return path / "best"
+    raise FileNotFoundError(
+        f"{path} holds no checkpoint: expected {path}/best/ (a train.py run folder) or model.safetensors + "
+        f"{CONFIG_NAME} (written by save_pretrained)"
+    )
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    *,
+    modality: str | None = None,
+    data_root: str | None = None,
+    output_dir: str | Path | None = None,
+    split: str = "test",
+) -> dict[str, Any]:
+    checkpoint = Path(checkpoint)
+    ckpt = resolve_checkpoint(checkpoint)
+    accelerator = Accelerator()
+    model = AllSpark.from_pretrained(ckpt)
+    cfg = model.cfg
+    if modality is not None and cfg.modality != modality:
+        raise ConfigError(f"--modality {modality!r} but the checkpoint was trained on {cfg.modality!r}")
+    if data_root is not None:
+        cfg = from_dict(Config, apply_overrides(to_dict(cfg), {"data.root": data_root}))
+    out_dir = Path(output_dir) if output_dir is not None else checkpoint / "eval"
+    with accelerator.main_process_first():
+        root = resolve_data_root(cfg)
+    dataset = build_dataset(cfg, split, root)
+    evaluator = build_evaluator(cfg, model.info)
+    loaders = {split: build_loader(dataset, cfg.data.eval_batch_size, num_workers=cfg.data.num_workers)}
+    for extra in evaluator.extra_splits:
+        loaders[extra] = build_loader(build_dataset(cfg, extra, root), cfg.data.eval_batch_size,
+                                      num_workers=cfg.data.num_workers)
+    model = accelerator.prepare(model)
+    gathered = {}
+    for name, loader in loaders.items():
+        gathered[name] = collect_predictions(model, accelerator.prepare(loader), accelerator,
+                                             evaluator.pred_keys, evaluator.batch_keys, name)
+    metrics = {"split": split, "checkpoint": str(ckpt), **evaluator.compute(gathered[split])}
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_metrics(out_dir / "metrics.json", metrics)
+        extras = {k: v for k, v in gathered.items() if k != split}
+        evaluator.report(gathered[split], metrics, extras, out_dir, f"AllSpark evaluation: {cfg.modality} ({split})")
+    accelerator.wait_for_everyone()
+    return metrics

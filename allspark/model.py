@@ -1,0 +1,236 @@
+"""AllSpark: encoder(s) -> modal bridge -> frozen language model with adapters -> task head.
+
+Nothing here depends on a modality's name: the config names the encoders, the prompt set and the head,
+and the registries resolve them. The sequence given to the language model is, per example,
+``[bridge tokens s_i | prompt tokens T(p_i) | padding]`` (paper eq. 2, s_i before the prompt), right-padded
+with an attention mask so batched rows of different prompt lengths are exact.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from allspark.bridge import ModalBridge
+from allspark.config import Config, config_from_yaml_text, save_config, to_dict
+from allspark.io import atomic_dir
+from allspark.llm import LoadedLLM, load_llm
+from allspark.registry import ENCODERS, HEADS
+from allspark.types import LLMOutput, Output
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["AllSpark", "WEIGHTS_NAME", "CONFIG_NAME", "INFO_NAME"]
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.yaml"
+INFO_NAME = "data_info.json"
+
+
+def _import_plugins() -> None:
+    """Import the packages whose import registers the built-in encoders and heads."""
+    import encoders  # noqa: F401
+    import heads  # noqa: F401
+
+
+class AllSpark(nn.Module):
+    def __init__(self, cfg: Config, info: dict[str, Any] | None = None, llm: LoadedLLM | None = None):
+        super().__init__()
+        _import_plugins()
+        from prompts import load_prompts
+
+        self.cfg = cfg
+        self.info = dict(info or {})
+        mcfg = cfg.model
+        self.encoders = nn.ModuleList(
+            ENCODERS.build({"type": e.type, **e.args}, optional={"info": self.info}) for e in mcfg.encoders
+        )
+        for enc, ecfg in zip(self.encoders, mcfg.encoders):
+            if not isinstance(getattr(enc, "out_dim", None), int):
+                raise TypeError(f"encoder {ecfg.type!r} must declare its output width as an int `out_dim`")
+        self._llm = llm if llm is not None else load_llm(mcfg.llm)
+        self.llm = self._llm.module
+        self.hidden_size = self._llm.hidden_size
+        b = mcfg.bridge
+        self.bridge = (
+            ModalBridge(
+                [e.out_dim for e in self.encoders], self.hidden_size, num_queries=b.num_queries, depth=b.depth,
+                heads=b.heads, dim_head=b.dim_head, ff_mult=b.ff_mult, dropout=b.dropout,
+            )
+            if len(self.encoders)
+            else None
+        )
+        self.head = HEADS.build(
+            {"type": mcfg.head.type, **mcfg.head.args}, hidden_size=self.hidden_size, optional={"info": self.info}
+        )
+        self.prompts = load_prompts(mcfg.prompts.set or cfg.modality, self.info)
+        if mcfg.prompts.train_choice not in ("random", "first"):
+            raise ValueError(f"model.prompts.train_choice must be 'random' or 'first', got {mcfg.prompts.train_choice!r}")
+        tok = self._llm.tokenizer
+        ids = [tok(p, add_special_tokens=False)["input_ids"] for p in self.prompts]
+        width = max(len(i) for i in ids)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        # The prompt sets are tokenised once; rows pick one by index.
+        self.register_buffer(
+            "prompt_ids", torch.tensor([i + [pad] * (width - len(i)) for i in ids]), persistent=False
+        )
+        self.register_buffer("prompt_lengths", torch.tensor([len(i) for i in ids]), persistent=False)
+
+    # -- construction --------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, cfg: Config, info: dict[str, Any] | None = None) -> "AllSpark":
+        return cls(cfg, info)
+
+    @property
+    def tokenizer(self):
+        return self._llm.tokenizer
+
+    @property
+    def num_modality_tokens(self) -> int:
+        return self.bridge.num_queries if self.bridge is not None else 0
+
+    # -- forward -------------------------------------------------------------------------------
+    def choose_prompts(self, batch_size: int, device: torch.device) -> torch.Tensor:
+        """A random prompt per example in training (paper III-E), the first one otherwise."""
+        if self.training and self.cfg.model.prompts.train_choice == "random" and len(self.prompts) > 1:
+            return torch.randint(len(self.prompts), (batch_size,), device="cpu").to(device)
+        return torch.zeros(batch_size, dtype=torch.long, device=device)
+
+    def encode(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Modality data -> bridge tokens ``s_i`` [B, N, D]."""
+        token_sets = [enc(batch) for enc in self.encoders]
+        return self.bridge(token_sets)
+
+    def build_sequence(
+        self, modality: torch.Tensor | None, batch_size: int, prompt_index: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Concatenate ``s_i`` and the embedded prompt; returns (inputs_embeds, attention_mask, last_index)."""
+        device = self.prompt_ids.device
+        if prompt_index is None:
+            prompt_index = self.choose_prompts(batch_size, device)
+        ids = self.prompt_ids[prompt_index]  # [B, P]
+        lengths = self.prompt_lengths[prompt_index]  # [B]
+        embed = self._llm.embed_tokens
+        prompt_emb = embed(ids)
+        n = 0 if modality is None else modality.shape[1]
+        p_mask = torch.arange(ids.shape[1], device=device)[None, :] < lengths[:, None]
+        if modality is not None:
+            x = torch.cat([modality.to(prompt_emb.dtype), prompt_emb], dim=1)
+            mask = torch.cat([torch.ones(batch_size, n, dtype=torch.bool, device=device), p_mask], dim=1)
+        else:
+            x, mask = prompt_emb, p_mask
+        return x, mask, n + lengths - 1
+
+    def run_llm(self, batch: dict[str, Any]) -> LLMOutput:
+        batch_size = _batch_size(batch)
+        modality = self.encode(batch) if self.bridge is not None else None
+        x, mask, last = self.build_sequence(modality, batch_size, batch.get("prompt_index"))
+        hidden = self._llm.decoder(inputs_embeds=x, attention_mask=mask.long()).last_hidden_state
+        return LLMOutput(hidden, mask, last, self.num_modality_tokens)
+
+    def forward(self, batch: dict[str, Any]) -> Output:
+        return self.head(self.run_llm(batch), batch)
+
+    @torch.no_grad()
+    def predict(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        was_training = self.training
+        self.eval()
+        try:
+            return self(batch).predictions
+        finally:
+            self.train(was_training)
+
+    # -- trainable state -------------------------------------------------------------------------
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Trainable parameters (encoders, bridge, adapters, head) and the persistent buffers outside
+        the language model (e.g. the regression head's scaler). The frozen LLM is not saved."""
+        state = {}
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                state[name] = p.detach()
+        for name, buf in self.state_dict().items():
+            if name not in state and not name.startswith("llm.") and not _is_param(self, name):
+                state[name] = buf.detach()
+        return state
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        expected = set(self.trainable_state_dict())
+        missing = sorted(expected - set(state))
+        unexpected = sorted(set(state) - expected)
+        if missing or unexpected:
+            raise ValueError(
+                "checkpoint does not match the model built from its config: "
+                f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
+            )
+        own = self.state_dict(keep_vars=True)
+        for name, value in state.items():
+            target = own[name]
+            if target.shape != value.shape:
+                raise ValueError(f"checkpoint tensor {name}: shape {list(value.shape)}, model has {list(target.shape)}")
+            with torch.no_grad():
+                target.copy_(value.to(target.dtype))
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write the trainable weights, the resolved config and the data info, atomically."""
+        state = {k: v.contiguous().cpu() for k, v in self.trainable_state_dict().items()}
+        with atomic_dir(directory) as tmp:
+            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "allspark": "1"})
+            save_config(self.cfg, tmp / CONFIG_NAME)
+            (tmp / INFO_NAME).write_text(json.dumps(_jsonable(self.info), indent=2))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, **overrides: Any) -> "AllSpark":
+        """Rebuild from ``save_pretrained`` output: the frozen LLM and backbones come from where the
+        config says; the trainable parts from the safetensors file (no pickle)."""
+        directory = Path(directory)
+        for name in (WEIGHTS_NAME, CONFIG_NAME, INFO_NAME):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(
+                    f"{directory} is not an AllSpark checkpoint: {name} is missing "
+                    f"(expected {WEIGHTS_NAME}, {CONFIG_NAME}, {INFO_NAME})"
+                )
+        cfg = config_from_yaml_text((directory / CONFIG_NAME).read_text())
+        info = json.loads((directory / INFO_NAME).read_text())
+        model = cls(cfg, info)
+        model.load_trainable_state_dict(load_file(str(directory / WEIGHTS_NAME)))
+        return model
+
+    def merged_llm(self):
+        """The language model with the adapters merged into its weights (for export)."""
+        return self._llm.merge_adapters()
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+
+def _is_param(module: nn.Module, name: str) -> bool:
+    try:
+        module.get_parameter(name)
+        return True
+    except AttributeError:
+        return False
+
+
+def _batch_size(batch: dict[str, Any]) -> int:
+    for value in batch.values():
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    raise ValueError("batch holds no tensor to take the batch size from")
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return obj

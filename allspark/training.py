@@ -1,0 +1,309 @@
+"""The training loop behind ``train.py``, on Hugging Face ``accelerate``.
+
+One code path for one CPU, one GPU or many processes: AdamW over the trainable parameters only, cosine
+schedule with warm-up, gradient accumulation via ``accelerator.accumulate``, mixed precision, resumable
+checkpoints (``save_state``/``load_state``; a resumed run skips the batches it has already seen and ends
+with the same weights as an uninterrupted one), ``best/`` chosen on the validation metric, and
+``metrics.json`` with the test-split metrics of the best weights.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import shutil
+import time
+from dataclasses import dataclass, asdict
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from safetensors.torch import load_file
+
+from allspark.config import Config, save_config
+from allspark.data import EpochSampler, build_dataset, build_loader, resolve_data_root
+from allspark.evaluation import build_evaluator, collect_predictions, write_metrics
+from allspark.io import atomic_write_text
+from allspark.model import AllSpark
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TrainerState", "train", "find_latest_checkpoint", "build_optimizer"]
+
+STATE_NAME = "trainer_state.json"
+
+
+@dataclass
+class TrainerState:
+    epoch: int = 0  # the epoch in progress (or the next to run)
+    batches_in_epoch: int = 0  # micro-batches of ``epoch`` already consumed
+    global_step: int = 0  # optimizer steps taken
+    best_metric: float | None = None
+    best_epoch: float | None = None
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """AdamW (or Lion) over trainable parameters only; no weight decay on biases and norms."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    if not decay and not no_decay:
+        raise ValueError("the model has no trainable parameters")
+    groups = [
+        {"params": decay, "weight_decay": cfg.train.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    name = cfg.train.optimizer.lower()
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas))
+    if name == "lion":
+        try:
+            from lion_pytorch import Lion
+        except ImportError as exc:
+            raise ImportError("train.optimizer=lion needs the lion-pytorch package: pip install lion-pytorch") from exc
+        return Lion(groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas))
+    raise ValueError(f"train.optimizer must be 'adamw' or 'lion', got {cfg.train.optimizer!r}")
+
+
+def find_latest_checkpoint(output_dir: Path) -> Path | None:
+    ckpt_root = output_dir / "checkpoints"
+    if not ckpt_root.is_dir():
+        return None
+    found = []
+    for d in ckpt_root.iterdir():
+        m = re.fullmatch(r"step-(\d+)", d.name)
+        if m and (d / STATE_NAME).is_file():
+            found.append((int(m.group(1)), d))
+    return max(found)[1] if found else None
+
+
+class _JsonlLog:
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path = path
+        self.enabled = enabled
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record, default=float) + "\n")
+
+
+def _tracker() -> list[str]:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return []
+    return ["tensorboard"]
+
+
+def train(
+    cfg: Config,
+    output_dir: str | Path,
+    *,
+    resume: str | Path | bool | None = None,
+    step_callback: Callable[[TrainerState], None] | None = None,
+) -> dict[str, Any]:
+    """Train ``cfg`` into ``output_dir``; returns the test metrics of the best checkpoint.
+
+    ``resume``: True picks the newest checkpoint in ``output_dir/checkpoints``; a path names one.
+    ``step_callback`` is called on every process after each optimizer step (used by tests).
+    """
+    output_dir = Path(output_dir)
+    tcfg = cfg.train
+    accelerator = Accelerator(
+        gradient_accumulation_steps=tcfg.grad_accum_steps,
+        mixed_precision=tcfg.mixed_precision,
+        log_with=_tracker(),
+        project_dir=str(output_dir),
+    )
+    main = accelerator.is_main_process
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, output_dir / "config.yaml")
+    set_seed(cfg.seed)  # before the model is built, so initial weights depend on the seed only
+
+    with accelerator.main_process_first():
+        root = resolve_data_root(cfg)
+    train_set = build_dataset(cfg, "train", root)
+    val_set = build_dataset(cfg, "val", root)
+    test_set = build_dataset(cfg, "test", root)
+    info = train_set.info()
+    model = AllSpark(cfg, info)
+    evaluator = build_evaluator(cfg, info)
+
+    sampler = EpochSampler(len(train_set), seed=cfg.seed)
+    train_loader = build_loader(train_set, cfg.data.batch_size, num_workers=cfg.data.num_workers, sampler=sampler)
+    val_loader = build_loader(val_set, cfg.data.eval_batch_size, num_workers=cfg.data.num_workers)
+    test_loader = build_loader(test_set, cfg.data.eval_batch_size, num_workers=cfg.data.num_workers)
+
+    optimizer = build_optimizer(cfg, model)
+    # The schedule counts single-process optimizer steps; accelerate's scheduler wrapper steps it once
+    # per process, so this stays right under data parallelism.
+    steps_per_epoch = math.ceil(len(train_loader) / tcfg.grad_accum_steps)
+    total_steps = max(1, tcfg.epochs * steps_per_epoch)
+    from transformers import get_cosine_schedule_with_warmup
+
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer, int(round(tcfg.warmup_epochs * steps_per_epoch)), total_steps
+    )
+    model, optimizer, train_loader, val_loader, test_loader, scheduler = accelerator.prepare(
+        model, optimizer, train_loader, val_loader, test_loader, scheduler
+    )
+    unwrapped: AllSpark = accelerator.unwrap_model(model)
+
+    # Checkpoints hold the trainable parts only, not the frozen LLM.
+    def _save_hook(models, weights, _dir):
+        for i, m in enumerate(models):
+            weights[i] = accelerator.unwrap_model(m).trainable_state_dict()
+
+    def _load_hook(models, input_dir):
+        for m in list(models):
+            accelerator.unwrap_model(m).load_trainable_state_dict(load_file(str(Path(input_dir) / "model.safetensors")))
+            models.remove(m)
+
+    accelerator.register_save_state_pre_hook(_save_hook)
+    accelerator.register_load_state_pre_hook(_load_hook)
+
+    state = TrainerState()
+    if resume:
+        ckpt = find_latest_checkpoint(output_dir) if resume is True else Path(resume)
+        if ckpt is None:
+            raise FileNotFoundError(f"--resume: no checkpoint under {output_dir / 'checkpoints'}")
+        if not (ckpt / STATE_NAME).is_file():
+            raise FileNotFoundError(f"--resume: {ckpt} is not a training checkpoint ({STATE_NAME} missing)")
+        accelerator.load_state(str(ckpt))
+        state = TrainerState(**json.loads((ckpt / STATE_NAME).read_text()))
+        logger.info("resumed from %s at epoch %d, batch %d, step %d", ckpt, state.epoch, state.batches_in_epoch,
+                    state.global_step)
+
+    log = _JsonlLog(output_dir / "log.jsonl", main)
+    accelerator.init_trackers("allspark", config={"modality": cfg.modality, "lr": tcfg.lr, "epochs": tcfg.epochs})
+
+    def save_checkpoint() -> None:
+        ckpt = output_dir / "checkpoints" / f"step-{state.global_step}"
+        tmp = ckpt.with_name(ckpt.name + ".tmp")
+        if main and tmp.exists():
+            shutil.rmtree(tmp)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        if main:
+            atomic_write_text(tmp / STATE_NAME, json.dumps(asdict(state)))
+            if ckpt.exists():
+                shutil.rmtree(ckpt)
+            tmp.rename(ckpt)  # a checkpoint folder appears whole or not at all
+            old = sorted(
+                (int(m.group(1)), d) for d in ckpt.parent.iterdir()
+                if (m := re.fullmatch(r"step-(\d+)", d.name))
+            )
+            for _, d in old[: max(0, len(old) - tcfg.keep_checkpoints)]:
+                shutil.rmtree(d, ignore_errors=True)
+        accelerator.wait_for_everyone()
+
+    def evaluate_split(loader, desc) -> dict[str, Any]:
+        gathered = collect_predictions(model, loader, accelerator, evaluator.pred_keys, evaluator.batch_keys, desc)
+        return evaluator.compute(gathered)
+
+    def validate(epoch_float: float) -> None:
+        metrics = evaluate_split(val_loader, "val")
+        value = metrics.get(tcfg.metric_for_best)
+        if not isinstance(value, (int, float)):
+            raise KeyError(f"train.metric_for_best={tcfg.metric_for_best!r} is not a metric of "
+                           f"{cfg.eval.protocol!r}; it reports {sorted(metrics)}")
+        better = state.best_metric is None or (
+            value > state.best_metric if tcfg.greater_is_better else value < state.best_metric
+        )
+        if better:
+            state.best_metric, state.best_epoch = float(value), round(epoch_float, 3)
+            accelerator.wait_for_everyone()
+            if main:
+                unwrapped.save_pretrained(output_dir / "best")
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        log.write({"epoch": round(epoch_float, 3), "step": state.global_step,
+                   **{f"val/{k}": v for k, v in scalars.items()}, "best": better})
+        accelerator.log({f"val/{k}": v for k, v in scalars.items()}, step=state.global_step)
+        model.train()
+
+    stop = False
+    from tqdm.auto import tqdm
+
+    progress = tqdm(total=total_steps, initial=state.global_step, disable=not accelerator.is_local_main_process,
+                    desc=f"train {cfg.modality}")
+    running_loss, running_count, t0 = 0.0, 0, time.perf_counter()
+    try:
+        while state.epoch < tcfg.epochs and not stop:
+            epoch = state.epoch
+            sampler.set_epoch(epoch)
+            accelerator.step = 0  # accumulation boundaries restart with each epoch
+            loader = train_loader
+            if state.batches_in_epoch:
+                loader = accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
+            model.train()
+            for batch in loader:
+                with accelerator.accumulate(model):
+                    out = model(batch)
+                    if out.loss is None:
+                        raise ValueError("the head returned no loss for a training batch (are labels missing?)")
+                    accelerator.backward(out.loss)
+                    if accelerator.sync_gradients and tcfg.max_grad_norm:
+                        accelerator.clip_grad_norm_(
+                            [p for p in model.parameters() if p.requires_grad], tcfg.max_grad_norm
+                        )
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                state.batches_in_epoch += 1
+                running_loss += out.loss.detach().float().item()
+                running_count += 1
+                if not accelerator.sync_gradients:
+                    continue
+                state.global_step += 1
+                progress.update(1)
+                if state.global_step % tcfg.log_every_steps == 0:
+                    loss = accelerator.reduce(torch.tensor(running_loss / running_count,
+                                                           device=accelerator.device), "mean").item()
+                    record = {"step": state.global_step, "epoch": epoch + state.batches_in_epoch / len(train_loader),
+                              "loss": loss, "lr": scheduler.get_last_lr()[0],
+                              "seconds": round(time.perf_counter() - t0, 2)}
+                    log.write(record)
+                    accelerator.log({"train/loss": loss, "train/lr": record["lr"]}, step=state.global_step)
+                    progress.set_postfix(loss=f"{loss:.4f}")
+                    running_loss, running_count = 0.0, 0
+                if step_callback is not None:
+                    step_callback(state)
+                if tcfg.save_every_steps and state.global_step % tcfg.save_every_steps == 0:
+                    save_checkpoint()
+                if tcfg.max_steps and state.global_step >= tcfg.max_steps:
+                    stop = True
+                    break
+            if stop and state.batches_in_epoch < len(train_loader):
+                validate(epoch + state.batches_in_epoch / len(train_loader))
+                save_checkpoint()
+                break
+            # End of epoch: validate, keep the best, checkpoint for resume.
+            state.epoch, state.batches_in_epoch = epoch + 1, 0
+            if (epoch + 1) % tcfg.eval_every_epochs == 0 or epoch + 1 == tcfg.epochs or stop:
+                validate(epoch + 1)
+            save_checkpoint()
+    except KeyboardInterrupt:
+        logger.warning("interrupted: saving a checkpoint at step %d to resume from", state.global_step)
+        save_checkpoint()
+        raise
+    finally:
+        progress.close()
+
+    accelerator.wait_for_everyone()
+    # Test-split metrics of the best weights.
+    unwrapped.load_trainable_state_dict(load_file(str(output_dir / "best" / "model.safetensors")))
+    metrics = evaluate_split(test_loader, "test")
+    metrics = {"split": "test", "best_epoch": state.best_epoch, f"val/{tcfg.metric_for_best}": state.best_metric,
+               **metrics}
+    if main:
+        write_metrics(output_dir / "metrics.json", metrics)
+        log.write({"test/" + k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+    accelerator.end_training()
+    return metrics

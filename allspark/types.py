@@ -1,0 +1,97 @@
+"""The small typed values that pass between the stages of the one data path."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["Tokens", "LLMOutput", "Output", "check_tensor"]
+
+
+@dataclass
+class Tokens:
+    """What an encoder returns: ``tokens[B, n, d]`` and ``mask[B, n]`` (True = a real token)."""
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.tokens.dim() != 3:
+            raise ValueError(f"Tokens.tokens must be [B, n, d], got shape {tuple(self.tokens.shape)}")
+        if self.mask.shape != self.tokens.shape[:2]:
+            raise ValueError(
+                f"Tokens.mask must be [B, n] = {tuple(self.tokens.shape[:2])}, got {tuple(self.mask.shape)}"
+            )
+        if self.mask.dtype != torch.bool:
+            raise ValueError(f"Tokens.mask must be bool, got {self.mask.dtype}")
+
+    @classmethod
+    def dense(cls, tokens: torch.Tensor) -> "Tokens":
+        """Tokens with no padding."""
+        return cls(tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device))
+
+
+@dataclass
+class LLMOutput:
+    """The language model's last hidden states over ``[modality tokens | prompt tokens | pad]``.
+
+    ``last_index[b]`` is the position of the last real token of row ``b`` (the last prompt token);
+    ``num_modality_tokens`` is the number of bridge tokens at the start of every row.
+    """
+
+    hidden: torch.Tensor
+    attention_mask: torch.Tensor
+    last_index: torch.Tensor
+    num_modality_tokens: int
+
+    def pool(self, mode: str = "last") -> torch.Tensor:
+        """``last``: hidden state of the last prompt token; ``mean``: mean over the modality tokens."""
+        if mode == "last":
+            rows = torch.arange(self.hidden.shape[0], device=self.hidden.device)
+            return self.hidden[rows, self.last_index]
+        if mode == "mean":
+            if self.num_modality_tokens == 0:
+                raise ValueError("mean pooling needs modality tokens; this task has none (use 'last')")
+            return self.hidden[:, : self.num_modality_tokens].mean(dim=1)
+        raise ValueError(f"unknown pooling {mode!r}; expected 'last' or 'mean'")
+
+
+@dataclass
+class Output:
+    """What a head returns. ``predictions`` holds tensors with the batch as first dimension."""
+
+    loss: torch.Tensor | None
+    predictions: dict[str, torch.Tensor] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def check_tensor(
+    batch: dict[str, Any],
+    key: str,
+    *,
+    shape: tuple[int | str | None, ...],
+    floating: bool = True,
+    finite: bool = True,
+) -> torch.Tensor:
+    """Validate ``batch[key]`` and return it.
+
+    ``shape`` lists the expected sizes; ``None`` or a string (a name such as ``"B"``) accepts any size.
+    Raises ``ValueError`` naming the key, the expected and the actual shape (or dtype, or the bad values).
+    """
+    if key not in batch:
+        raise ValueError(f"batch is missing key {key!r}; it has {sorted(batch)}")
+    x = batch[key]
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"batch[{key!r}] must be a torch.Tensor, got {type(x).__name__}")
+    want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+    if x.dim() != len(shape) or any(
+        isinstance(s, int) and s != actual for s, actual in zip(shape, x.shape)
+    ):
+        raise ValueError(f"batch[{key!r}]: expected shape {want}, got {list(x.shape)}")
+    if floating and not x.is_floating_point():
+        raise ValueError(f"batch[{key!r}]: expected a floating-point tensor, got {x.dtype}")
+    if finite and x.is_floating_point() and not torch.isfinite(x).all():
+        bad = (~torch.isfinite(x)).sum().item()
+        raise ValueError(f"batch[{key!r}]: {bad} value(s) are NaN or infinite")
+    return x

@@ -1,0 +1,9 @@
+"""Modality encoders, each registered in ``allspark.registry.ENCODERS`` under its name.
+
+An encoder is an ``nn.Module`` with ``out_dim`` (its token width ``d``) and ``input_keys`` (the batch
+keys it reads); ``forward(batch) -> Tokens(tokens[B, n, d], mask[B, n])``. It validates its input and
+raises ``ValueError`` naming the key, the expected and the actual shape.
+"""
+from encoders.hsi import SpectralTransformer
+
+__all__ = ["SpectralTransformer"]

@@ -1,0 +1,80 @@
+import pytest
+import torch
+
+from allspark.metrics.classification import classification_metrics
+from allspark.types import LLMOutput
+from heads.classification import ClassificationHead
+from heads.regression import RegressionHead
+
+
+def test_classification_metrics_hand_computed():
+    # confusion (rows true, cols pred): class0: 2 right, 1 as class1; class1: 1 right; class2: 1 right, 1 as 0
+    target = torch.tensor([0, 0, 0, 1, 2, 2, -1])
+    pred = torch.tensor([0, 0, 1, 1, 2, 0, 2])
+    m = classification_metrics(pred, target, 3, ["a", "b", "c"])
+    assert m["num_samples"] == 6  # the -1 (unlabelled) sample is skipped
+    assert m["OA"] == pytest.approx(4 / 6)
+    assert m["AA"] == pytest.approx((2 / 3 + 1 + 1 / 2) / 3)
+    # kappa = (po - pe) / (1 - pe); true counts [3,1,2], pred counts [3,2,1]
+    po, pe = 4 / 6, (3 * 3 + 1 * 2 + 2 * 1) / 36
+    assert m["kappa"] == pytest.approx((po - pe) / (1 - pe), abs=1e-6)
+    assert m["per_class"] == pytest.approx({"a": 2 / 3, "b": 1.0, "c": 0.5})
+    assert m["confusion_matrix"] == [[2, 1, 0], [0, 1, 0], [1, 0, 1]]
+
+
+def test_classification_metrics_class_absent_from_test_and_bad_input():
+    m = classification_metrics(torch.tensor([0, 1]), torch.tensor([0, 1]), 3)
+    assert m["per_class"]["2"] is None and m["AA"] == 1.0
+    with pytest.raises(ValueError, match="in \\[0, 3\\)"):
+        classification_metrics(torch.tensor([5]), torch.tensor([0]), 3)
+    with pytest.raises(ValueError, match="differ in length"):
+        classification_metrics(torch.tensor([0, 1]), torch.tensor([0]), 3)
+
+
+def _llm_out(hidden):
+    b, n, _ = hidden.shape
+    return LLMOutput(hidden, torch.ones(b, n, dtype=torch.bool), torch.full((b,), n - 1), 2)
+
+
+def test_classification_head_pools_last_and_ignores_unlabelled():
+    head = ClassificationHead(8, 3)
+    hidden = torch.randn(4, 5, 8)
+    out = head(_llm_out(hidden), {"label": torch.tensor([0, 2, -1, 1])})
+    assert out.predictions["logits"].shape == (4, 3)
+    assert torch.isfinite(out.loss)
+    # only the last position matters for 'last' pooling
+    changed = hidden.clone()
+    changed[:, :4] = 0
+    assert torch.allclose(head(_llm_out(changed), {}).predictions["logits"], out.predictions["logits"])
+    assert head(_llm_out(hidden), {"label": torch.full((4,), -1)}).loss is None
+    with pytest.raises(ValueError, match="num_classes=3"):
+        ClassificationHead(8, 3, info={"num_classes": 9})
+
+
+def test_regression_head_unscale_is_parameter_free_inverse():
+    head = RegressionHead(8, 2, info={"target_mean": [10.0, -5.0], "target_std": [2.0, 0.5]})
+    n_params = sum(p.numel() for p in head.parameters())
+    assert n_params == 8 * 2 + 2 + 2 * 8  # linear + norm only; mean/std are buffers
+    y = torch.tensor([[12.0, -4.0]])
+    assert torch.allclose(head.unscale(head.scale(y)), y)
+    out = head(_llm_out(torch.randn(1, 3, 8)), {"target": y})
+    assert out.predictions["pred"].shape == (1, 2)
+    # the loss is computed on standardised targets
+    scaled = head.scale(y)
+    pred_scaled = head.scale(out.predictions["pred"])
+    assert out.loss.item() == pytest.approx(((pred_scaled - scaled) ** 2).mean().item(), rel=1e-5)
+
+
+def test_regression_head_masked_loss_and_shape_errors():
+    head = RegressionHead(8, (3,))
+    hidden = _llm_out(torch.randn(2, 3, 8))
+    target = torch.zeros(2, 3)
+    full = head(hidden, {"target": target}).loss
+    masked = head(hidden, {"target": target, "target_mask": torch.tensor([[1, 0, 0], [0, 0, 0]], dtype=torch.bool)}).loss
+    pred = head(hidden, {}).predictions["pred"]
+    assert masked.item() == pytest.approx(pred[0, 0].item() ** 2, rel=1e-5)
+    assert full.item() == pytest.approx((pred ** 2).mean().item(), rel=1e-5)
+    with pytest.raises(ValueError, match="expected shape"):
+        head(hidden, {"target": torch.zeros(2, 4)})
+    with pytest.raises(ValueError, match="positive"):
+        RegressionHead(8, 1, target_std=0.0)
