@@ -45,7 +45,11 @@ def collect_predictions(model, loader, accelerator, pred_keys, batch_keys, desc:
         values = accelerator.gather_for_metrics({k: v.contiguous() for k, v in values.items()})
         for k, v in values.items():
             parts[k].append(v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu())
-    return {k: torch.cat(v).numpy() if v else np.zeros(0) for k, v in parts.items()}
+    out = {k: torch.cat(v).numpy() if v else np.zeros(0) for k, v in parts.items()}
+    if "index" in out and len(np.unique(out["index"])) != len(out["index"]):
+        raise RuntimeError(f"{desc}: gathered predictions repeat samples ({len(out['index'])} rows, "
+                           f"{len(np.unique(out['index']))} distinct); the loader was not prepared by accelerate?")
+    return out
 
 
 class Evaluator:

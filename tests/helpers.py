@@ -1,0 +1,30 @@
+"""Helpers shared by the tests (kept out of conftest so subprocess scripts can import them too)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: shrink the HSI config to test size: tiny random LLM, small encoder and bridge
+TINY_HSI = [
+    "model.llm.name=tiny",
+    "model.encoders.0.args={in_bands: 103, dim: 16, depth: 1, heads: 2, bands_per_token: 8}",
+    "model.bridge={num_queries: 4, depth: 1, heads: 2, ff_mult: 2}",
+    "data.batch_size=32",
+    "data.eval_batch_size=64",
+    "train.epochs=2",
+    "train.warmup_epochs=0.5",
+    "train.lr=3e-3",
+]
+
+
+def run(args: list[str], *, env: dict | None = None, timeout: int = 600, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ)
+    full_env.setdefault("PYTHONPATH", "")
+    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), full_env["PYTHONPATH"]) if p)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, *args] if args[0].endswith(".py") or args[0] == "-m" else args,
+                          cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
