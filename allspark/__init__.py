@@ -32,10 +32,11 @@ def import_builtins() -> None:
     """Import the built-in encoders, heads, readers, metrics and evaluators (registering them)."""
     import encoders  # noqa: F401
     import heads  # noqa: F401
-    import allspark.evaluation  # noqa: F401
     import allspark.metrics  # noqa: F401
     from allspark.data import import_readers
+    from allspark.plugins import import_submodules
 
+    import_submodules("allspark.evaluation")
     import_readers()
 
 

@@ -2,8 +2,9 @@
 
 An encoder is an ``nn.Module`` with ``out_dim`` (its token width ``d``) and ``input_keys`` (the batch
 keys it reads); ``forward(batch) -> Tokens(tokens[B, n, d], mask[B, n])``. It validates its input and
-raises ``ValueError`` naming the key, the expected and the actual shape.
+raises ``ValueError`` naming the key, the expected and the actual shape. Every module of this package is
+imported with it, so adding an encoder is adding a file.
 """
-from encoders.hsi import SpectralTransformer
+from allspark.plugins import import_submodules
 
-__all__ = ["SpectralTransformer"]
+import_submodules(__name__)

@@ -1,9 +1,9 @@
 """Task heads, each registered in ``allspark.registry.HEADS``.
 
 A head is built as ``Head(hidden_size=D, info=<dataset info>, **args)`` and called as
-``head(llm_output, batch) -> Output(loss, predictions)``.
+``head(llm_output, batch) -> Output(loss, predictions)``. Every module of this package is imported
+with it, so adding a head is adding a file.
 """
-from heads.classification import ClassificationHead
-from heads.regression import RegressionHead
+from allspark.plugins import import_submodules
 
-__all__ = ["ClassificationHead", "RegressionHead"]
+import_submodules(__name__)

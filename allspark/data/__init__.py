@@ -28,8 +28,10 @@ __all__ = [
 
 
 def import_readers() -> None:
-    """Import the modules whose import registers the built-in readers."""
-    from allspark.data import pavia  # noqa: F401
+    """Import every reader module of this package (each registers itself in ``DATASETS``)."""
+    from allspark.plugins import import_submodules
+
+    import_submodules("allspark.data")
 
 
 def cache_dir() -> Path:
