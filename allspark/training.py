@@ -182,7 +182,7 @@ def train(
                     state.global_step)
 
     log = _JsonlLog(output_dir / "log.jsonl", main)
-    accelerator.init_trackers("allspark", config={"modality": cfg.modality, "lr": tcfg.lr, "epochs": tcfg.epochs})
+    accelerator.init_trackers("tensorboard", config={"modality": cfg.modality, "lr": tcfg.lr, "epochs": tcfg.epochs})
 
     def save_checkpoint() -> None:
         ckpt = output_dir / "checkpoints" / f"step-{state.global_step}"
@@ -237,11 +237,13 @@ def train(
     try:
         while state.epoch < tcfg.epochs and not stop:
             epoch = state.epoch
-            sampler.set_epoch(epoch)
             accelerator.step = 0  # accumulation boundaries restart with each epoch
             loader = train_loader
             if state.batches_in_epoch:
                 loader = accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
+            # accelerate's loaders pass their own iteration count to the sampler on every pass; set the
+            # true epoch so a resumed run (which starts on a fresh skip-loader) sees the same order.
+            loader.set_epoch(epoch)
             model.train()
             for batch in loader:
                 with accelerator.accumulate(model):

@@ -105,4 +105,7 @@ def build_loader(dataset: ModalityDataset, batch_size: int, *, num_workers: int 
         num_workers=num_workers,
         collate_fn=dataset.collate,
         drop_last=False,
+        # Creating a loader iterator draws a seed; with its own generator it does not consume the
+        # global RNG, which a resumed run restores from the checkpoint and must see unchanged.
+        generator=torch.Generator().manual_seed(0),
     )
