@@ -22,6 +22,9 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, 
 def run_cli(fn: Callable[[], int | None]) -> None:
     logging.basicConfig(level=os.environ.get("ALLSPARK_LOGLEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # accelerate logs every file of every checkpoint at INFO; keep the console for the run itself.
+    for noisy in ("accelerate.checkpointing", "accelerate.accelerator", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         code = fn()
     except KeyboardInterrupt:

@@ -97,8 +97,15 @@ def bench_modality(modality: str, dtype_name: str, args) -> dict:
         with autocast:
             model(batch)
 
+    def eval_forward_with_grad_mode():
+        # FlopCounterMode's module tracker trips over no_grad forwards of modules holding parameters;
+        # the forward FLOPs are the same with grad mode on, so count them that way.
+        model.eval()
+        with autocast:
+            model(batch)
+
     train_flops = count_flops(train_step)
-    eval_flops = count_flops(eval_step)
+    eval_flops = count_flops(eval_forward_with_grad_mode)
     rss0 = peak_rss_mib()
     t_train = best_time(train_step, args.repeats)
     t_eval = best_time(eval_step, args.repeats)
