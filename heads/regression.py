@@ -22,14 +22,14 @@ class RegressionHead(nn.Module):
     """Pooled hidden state -> ``out_shape`` targets.
 
     ``target_mean`` / ``target_std`` come from the dataset info (keys of the same names) unless given;
-    they broadcast against ``out_shape``. When the batch holds ``<target_key>_mask`` (True = observed),
+    they broadcast against ``out_shape``, which defaults to the info's ``target_shape``. When the batch holds ``<target_key>_mask`` (True = observed),
     only observed targets enter the loss (for example the zero readings of traffic sensors).
     """
 
     def __init__(
         self,
         hidden_size: int,
-        out_shape: int | Sequence[int],
+        out_shape: int | Sequence[int] | None = None,
         *,
         info: dict[str, Any] | None = None,
         target_mean: float | list | None = None,
@@ -39,8 +39,13 @@ class RegressionHead(nn.Module):
         loss: str = "mse",
     ) -> None:
         super().__init__()
-        self.out_shape = (out_shape,) if isinstance(out_shape, int) else tuple(out_shape)
         info = info or {}
+        if out_shape is None:
+            # a reader whose target size depends on the data (e.g. the number of sensors) says it here
+            out_shape = info.get("target_shape")
+            if out_shape is None:
+                raise ValueError("regression head: give out_shape, or a dataset info with 'target_shape'")
+        self.out_shape = (int(out_shape),) if isinstance(out_shape, int) else tuple(int(s) for s in out_shape)
         mean = target_mean if target_mean is not None else info.get("target_mean", 0.0)
         std = target_std if target_std is not None else info.get("target_std", 1.0)
         mean_t = torch.as_tensor(mean, dtype=torch.float32)
