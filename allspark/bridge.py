@@ -77,6 +77,7 @@ class ModalBridge(nn.Module):
         dim_head: int | None = None,
         ff_mult: int = 4,
         dropout: float = 0.0,
+        output_scale: float = 1.0,
     ) -> None:
         super().__init__()
         if not token_dims:
@@ -101,6 +102,10 @@ class ModalBridge(nn.Module):
             BridgeLayer(dim, token_dim, heads, dim_head, ff_mult, dropout) for _ in range(depth)
         )
         self.norm = nn.LayerNorm(dim)
+        # The final LayerNorm's gain starts at ``output_scale``: the model passes the RMS of the language
+        # model's own token embeddings, so bridge tokens enter the LLM on the scale of its word embeddings
+        # (a unit-variance LayerNorm output is ~7x larger than SmolLM2's embeddings).
+        nn.init.constant_(self.norm.weight, output_scale)
 
     @property
     def num_queries(self) -> int:

@@ -21,7 +21,7 @@ from allspark.config import Config, config_from_yaml_text, save_config, to_dict
 from allspark.io import atomic_dir
 from allspark.llm import LoadedLLM, load_llm
 from allspark.registry import ENCODERS, HEADS
-from allspark.types import LLMOutput, Output
+from allspark.types import LLMOutput, Output, Tokens
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ class AllSpark(nn.Module):
             ModalBridge(
                 [e.out_dim for e in self.encoders], self.hidden_size, num_queries=b.num_queries, depth=b.depth,
                 heads=b.heads, dim_head=b.dim_head, ff_mult=b.ff_mult, dropout=b.dropout,
+                output_scale=self._embedding_rms(),
             )
             if len(self.encoders)
             else None
@@ -68,6 +69,7 @@ class AllSpark(nn.Module):
         self.head = HEADS.build(
             {"type": mcfg.head.type, **mcfg.head.args}, hidden_size=self.hidden_size, optional={"info": self.info}
         )
+        self._build_alignment(mcfg.alignment)
         self.prompts = load_prompts(mcfg.prompts.set or cfg.modality, self.info)
         if mcfg.prompts.train_choice not in ("random", "first"):
             raise ValueError(f"model.prompts.train_choice must be 'random' or 'first', got {mcfg.prompts.train_choice!r}")
@@ -80,6 +82,28 @@ class AllSpark(nn.Module):
             "prompt_ids", torch.tensor([i + [pad] * (width - len(i)) for i in ids]), persistent=False
         )
         self.register_buffer("prompt_lengths", torch.tensor([len(i) for i in ids]), persistent=False)
+
+    def _build_alignment(self, acfg) -> None:
+        """Per-encoder projections to a common width and the correlation objective (if configured)."""
+        self.alignment = None
+        self.alignment_proj = None
+        if not acfg.objective:
+            return
+        if len(self.encoders) < 2:
+            raise ValueError(
+                f"model.alignment.objective={acfg.objective!r} needs at least two encoders to correlate; "
+                f"this config has {len(self.encoders)}"
+            )
+        if acfg.dim < 1:
+            raise ValueError(f"model.alignment.dim must be >= 1, got {acfg.dim}")
+        from allspark.objectives import build_objective
+
+        self.alignment = build_objective({"type": acfg.objective, **acfg.args})
+        self.alignment_proj = nn.ModuleList(nn.Linear(e.out_dim, acfg.dim) for e in self.encoders)
+
+    def _embedding_rms(self) -> float:
+        weight = self._llm.embed_tokens.weight
+        return float(weight.detach().float().pow(2).mean().sqrt())
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
@@ -101,10 +125,31 @@ class AllSpark(nn.Module):
             return torch.randint(len(self.prompts), (batch_size,), device="cpu").to(device)
         return torch.zeros(batch_size, dtype=torch.long, device=device)
 
-    def encode(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Modality data -> bridge tokens ``s_i`` [B, N, D]."""
-        token_sets = [enc(batch) for enc in self.encoders]
-        return self.bridge(token_sets)
+    def encode_tokens(self, batch: dict[str, Any]) -> list[Tokens]:
+        """Each encoder's token set, in config order."""
+        return [enc(batch) for enc in self.encoders]
+
+    def encode(self, batch: dict[str, Any], token_sets: list[Tokens] | None = None) -> torch.Tensor:
+        """Modality data (or already computed token sets) -> bridge tokens ``s_i`` [B, N, D]."""
+        return self.bridge(self.encode_tokens(batch) if token_sets is None else token_sets)
+
+    def pooled_features(self, token_sets: list[Tokens]) -> list[torch.Tensor]:
+        """Per encoder: masked mean of its tokens, projected to ``model.alignment.dim`` -> [B, dim]."""
+        if self.alignment_proj is None:
+            raise ValueError("pooled_features needs model.alignment.objective to be set")
+        out = []
+        for tokens, proj in zip(token_sets, self.alignment_proj):
+            mask = tokens.mask.unsqueeze(-1).to(tokens.tokens.dtype)
+            pooled = (tokens.tokens * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+            out.append(proj(pooled.float()))
+        return out
+
+    def alignment_score(self, token_sets: list[Tokens]) -> torch.Tensor | None:
+        """The objective's correlation score over all encoder pairs (None for a batch of one sample,
+        where no (co)variance can be estimated)."""
+        if token_sets[0].tokens.shape[0] < 2:
+            return None
+        return self.alignment(*self.pooled_features(token_sets))
 
     def build_sequence(
         self, modality: torch.Tensor | None, batch_size: int, prompt_index: torch.Tensor | None = None
@@ -126,15 +171,26 @@ class AllSpark(nn.Module):
             x, mask = prompt_emb, p_mask
         return x, mask, n + lengths - 1
 
-    def run_llm(self, batch: dict[str, Any]) -> LLMOutput:
+    def run_llm(self, batch: dict[str, Any], token_sets: list[Tokens] | None = None) -> LLMOutput:
         batch_size = _batch_size(batch)
-        modality = self.encode(batch) if self.bridge is not None else None
+        modality = self.encode(batch, token_sets) if self.bridge is not None else None
         x, mask, last = self.build_sequence(modality, batch_size, batch.get("prompt_index"))
         hidden = self._llm.decoder(inputs_embeds=x, attention_mask=mask.long()).last_hidden_state
         return LLMOutput(hidden, mask, last, self.num_modality_tokens)
 
     def forward(self, batch: dict[str, Any]) -> Output:
-        return self.head(self.run_llm(batch), batch)
+        if self.alignment is None:
+            return self.head(self.run_llm(batch), batch)
+        token_sets = self.encode_tokens(batch)
+        out = self.head(self.run_llm(batch, token_sets), batch)
+        score = self.alignment_score(token_sets)
+        if score is not None:
+            # Minimising ``loss - weight * score`` maximises the correlation of the encoders' features.
+            out.extras["alignment"] = score.detach()
+            if out.loss is not None:
+                out.extras["task_loss"] = out.loss.detach()
+                out.loss = out.loss - self.cfg.model.alignment.weight * score
+        return out
 
     @torch.no_grad()
     def predict(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
