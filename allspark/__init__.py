@@ -29,10 +29,11 @@ __all__ = [
 
 
 def import_builtins() -> None:
-    """Import the built-in encoders, heads, readers, metrics and evaluators (registering them)."""
+    """Import the built-in encoders, heads, readers, metrics, objectives and evaluators (registering them)."""
     import encoders  # noqa: F401
     import heads  # noqa: F401
     import allspark.metrics  # noqa: F401
+    import allspark.objectives  # noqa: F401
     from allspark.data import import_readers
     from allspark.plugins import import_submodules
 

@@ -102,9 +102,9 @@ class ModalBridge(nn.Module):
             BridgeLayer(dim, token_dim, heads, dim_head, ff_mult, dropout) for _ in range(depth)
         )
         self.norm = nn.LayerNorm(dim)
-        # The final LayerNorm's gain starts at ``output_scale``: the model passes the RMS of the language
-        # model's own token embeddings, so bridge tokens enter the LLM on the scale of its word embeddings
-        # (a unit-variance LayerNorm output is ~7x larger than SmolLM2's embeddings).
+        # The final LayerNorm's gain starts at ``output_scale`` (1 in Lynx). ``model.bridge.output_scale:
+        # embedding`` passes the RMS of the language model's token embeddings, so bridge tokens enter the
+        # LLM on the scale of its word embeddings (a unit-variance output is ~7x SmolLM2's embeddings).
         nn.init.constant_(self.norm.weight, output_scale)
 
     @property

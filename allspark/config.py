@@ -25,6 +25,7 @@ __all__ = [
     "EncoderConfig",
     "HeadConfig",
     "PromptConfig",
+    "AlignmentConfig",
     "ModelConfig",
     "DataConfig",
     "TrainConfig",
@@ -82,6 +83,9 @@ class BridgeConfig:
     dim_head: int | None = None
     ff_mult: int = 4
     dropout: float = 0.0
+    #: initial gain of the final LayerNorm: 1.0 (Lynx) or ``embedding``, the RMS of the language model's
+    #: token embeddings, so bridge tokens start on the scale of the LLM's word embeddings
+    output_scale: float | str = 1.0
 
 
 @dataclass
@@ -105,12 +109,30 @@ class PromptConfig:
 
 
 @dataclass
+class AlignmentConfig:
+    """Auxiliary correlation loss between the encoders' pooled features (off unless ``objective`` is set).
+
+    Each encoder's tokens are mean-pooled over the real (mask) positions and projected to ``dim`` by a
+    per-encoder linear layer; the registered objective (``allspark.objectives``) scores every pair and
+    the loss becomes ``head loss - weight * score`` (minimising it maximises the correlation).
+    """
+
+    #: a name in the OBJECTIVES registry (soft_hgr, unifast_hgr, optfast_hgr, deep_cca, soft_cca, ...)
+    objective: str | None = None
+    weight: float = 0.1
+    #: width of the common space the pooled features are projected to
+    dim: int = 64
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class ModelConfig:
     encoders: list[EncoderConfig] = field(default_factory=list)
     bridge: BridgeConfig = field(default_factory=BridgeConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     prompts: PromptConfig = field(default_factory=PromptConfig)
+    alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
 
 
 @dataclass

@@ -61,7 +61,7 @@ class AllSpark(nn.Module):
             ModalBridge(
                 [e.out_dim for e in self.encoders], self.hidden_size, num_queries=b.num_queries, depth=b.depth,
                 heads=b.heads, dim_head=b.dim_head, ff_mult=b.ff_mult, dropout=b.dropout,
-                output_scale=self._embedding_rms(),
+                output_scale=self._bridge_output_scale(b.output_scale),
             )
             if len(self.encoders)
             else None
@@ -101,9 +101,13 @@ class AllSpark(nn.Module):
         self.alignment = build_objective({"type": acfg.objective, **acfg.args})
         self.alignment_proj = nn.ModuleList(nn.Linear(e.out_dim, acfg.dim) for e in self.encoders)
 
-    def _embedding_rms(self) -> float:
-        weight = self._llm.embed_tokens.weight
-        return float(weight.detach().float().pow(2).mean().sqrt())
+    def _bridge_output_scale(self, setting: float | str) -> float:
+        if setting == "embedding":
+            weight = self._llm.embed_tokens.weight
+            return float(weight.detach().float().pow(2).mean().sqrt())
+        if isinstance(setting, str):
+            raise ValueError(f"model.bridge.output_scale must be a number or 'embedding', got {setting!r}")
+        return float(setting)
 
     # -- construction --------------------------------------------------------------------------
     @classmethod

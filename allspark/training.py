@@ -234,6 +234,7 @@ def train(
     progress = tqdm(total=total_steps, initial=state.global_step, disable=not accelerator.is_local_main_process,
                     desc=f"train {cfg.modality}")
     running_loss, running_count, t0 = 0.0, 0, time.perf_counter()
+    running_extras: dict[str, list[float]] = {}  # scalar Output.extras (e.g. the alignment term), logged too
     try:
         while state.epoch < tcfg.epochs and not stop:
             epoch = state.epoch
@@ -261,6 +262,9 @@ def train(
                 state.batches_in_epoch += 1
                 running_loss += out.loss.detach().float().item()
                 running_count += 1
+                for key, value in out.extras.items():
+                    if isinstance(value, torch.Tensor) and value.numel() == 1:
+                        running_extras.setdefault(key, []).append(value.detach().float().item())
                 if not accelerator.sync_gradients:
                     continue
                 state.global_step += 1
@@ -271,10 +275,15 @@ def train(
                     record = {"step": state.global_step, "epoch": epoch + state.batches_in_epoch / len(train_loader),
                               "loss": loss, "lr": scheduler.get_last_lr()[0],
                               "seconds": round(time.perf_counter() - t0, 2)}
+                    extras = {f"train/{k}": accelerator.reduce(torch.tensor(sum(v) / len(v), device=accelerator.device),
+                                                               "mean").item()
+                              for k, v in sorted(running_extras.items()) if v}
+                    record.update(extras)
                     log.write(record)
-                    accelerator.log({"train/loss": loss, "train/lr": record["lr"]}, step=state.global_step)
+                    accelerator.log({"train/loss": loss, "train/lr": record["lr"], **extras}, step=state.global_step)
                     progress.set_postfix(loss=f"{loss:.4f}")
                     running_loss, running_count = 0.0, 0
+                    running_extras.clear()
                 if step_callback is not None:
                     step_callback(state)
                 if tcfg.save_every_steps and state.global_step % tcfg.save_every_steps == 0:

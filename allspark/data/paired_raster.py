@@ -1,0 +1,214 @@
+"""Shared machinery of the paired-raster fusion readers (Berlin HSI+SAR, Houston 2018 HSI+LiDAR).
+
+A scene is two rasters of the same ground extent -- possibly on grids of different resolution -- plus a
+training and a test label map on the *label grid* (0 = unlabelled, 1..K classes).
+
+Co-registration: each raster keeps its native grid; label pixel ``(r, c)`` of an ``H_L x W_L`` label grid
+is mapped to pixel ``(floor((r + 0.5) H_m / H_L), floor((c + 0.5) W_m / W_L))`` of an ``H_m x W_m`` raster
+(pixel-centre nearest neighbour, the two grids covering the same extent). Resampling an image up to the
+finest grid would cost memory for nothing: the patches are cut from each raster at its own resolution.
+
+Items are pixels of the label grid: for each raster a ``patch x patch`` neighbourhood (``[C, p, p]``,
+reflect-padded at the border) under the raster's batch key, ``label`` (class - 1; -1 for unlabelled
+pixels of the ``scene`` split), ``coords`` [row, col] on the label grid and ``index``.
+
+Splits: ``train`` = the training map minus a validation part (``round(val_ratio * n)`` per class, at least
+1 where the class has 2 or more training pixels, drawn with ``split_seed``); ``val``; ``test`` = the test
+map; ``scene`` = every pixel of the label grid, row-major. Per-band mean and standard deviation of each
+raster are fitted on the raster pixels under the ``train`` labels only and applied everywhere.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+import torch
+
+from allspark.data.base import DatasetFormatError, ModalityDataset
+
+__all__ = ["PairedRasterScene", "map_to_grid", "carve_validation"]
+
+
+def map_to_grid(rows: np.ndarray, cols: np.ndarray, label_shape: tuple[int, int],
+                raster_shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Label-grid pixels -> the pixel of a raster covering the same extent (pixel-centre nearest)."""
+    hl, wl = label_shape
+    hm, wm = raster_shape
+    r = np.minimum(((rows + 0.5) * hm / hl).astype(np.int64), hm - 1)
+    c = np.minimum(((cols + 0.5) * wm / wl).astype(np.int64), wm - 1)
+    return r, c
+
+
+def carve_validation(train_idx: np.ndarray, labels: np.ndarray, val_ratio: float,
+                     seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng([seed, 1])
+    keep, val = [], []
+    for k in np.unique(labels[train_idx]):
+        pix = train_idx[labels[train_idx] == k]
+        n_val = 0
+        if val_ratio > 0 and len(pix) >= 2:
+            n_val = min(max(int(np.floor(val_ratio * len(pix) + 0.5)), 1), len(pix) - 1)
+        perm = rng.permutation(pix)
+        val.append(perm[:n_val])
+        keep.append(perm[n_val:])
+    return np.sort(np.concatenate(keep)), np.sort(np.concatenate(val))
+
+
+class PairedRasterScene(ModalityDataset):
+    """Base reader: subclasses implement :meth:`read_scene` and name their rasters' batch keys."""
+
+    splits: ClassVar[tuple[str, ...]] = ("train", "val", "test", "scene")
+    #: batch keys of the rasters, in the order read_scene returns them
+    raster_keys: ClassVar[tuple[str, ...]] = ()
+    default_class_names: ClassVar[tuple[str, ...]] = ()
+    dataset_name: ClassVar[str] = "paired raster scene"
+
+    def __init__(self, root, split: str, *, patch: int = 7, val_ratio: float = 0.1, split_seed: int = 0,
+                 class_names: Sequence[str] | None = None, **read_args: Any) -> None:
+        super().__init__(root, split)
+        if patch < 1 or patch % 2 == 0:
+            raise ValueError(f"{self.dataset_name}: patch must be an odd size >= 1, got {patch}")
+        if not 0 <= val_ratio < 1:
+            raise ValueError(f"{self.dataset_name}: val_ratio must be in [0, 1), got {val_ratio}")
+        rasters, train_map, test_map = self.read_scene(self.root, **read_args)
+        if len(rasters) != len(self.raster_keys):
+            raise RuntimeError(f"{type(self).__name__}.read_scene returned {len(rasters)} rasters for keys "
+                               f"{self.raster_keys}")
+        if train_map.shape != test_map.shape:
+            raise DatasetFormatError(
+                f"{self.dataset_name}: the training map is {list(train_map.shape)} but the test map is "
+                f"{list(test_map.shape)}; both must be on the label grid")
+        overlap = int(((train_map > 0) & (test_map > 0)).sum())
+        if overlap:
+            raise DatasetFormatError(f"{self.dataset_name}: {overlap} pixel(s) are labelled in both the "
+                                     "training and the test map")
+        height, width = train_map.shape
+        num_classes = int(max(train_map.max(), test_map.max()))
+        if num_classes < 1:
+            raise DatasetFormatError(f"{self.dataset_name}: the label maps hold no labelled pixel")
+        empty = [k for k in range(1, num_classes + 1) if not (train_map == k).any()]
+        if empty:
+            raise DatasetFormatError(f"{self.dataset_name}: class(es) {empty} have no training pixel")
+        names = list(class_names) if class_names is not None else (
+            list(self.default_class_names) if len(self.default_class_names) == num_classes
+            else [f"class_{k}" for k in range(1, num_classes + 1)])
+        if len(names) != num_classes:
+            raise ValueError(f"{self.dataset_name}: {len(names)} class_names for {num_classes} classes")
+
+        flat_train, flat_test = train_map.ravel(), test_map.ravel()
+        pool = np.flatnonzero(flat_train)
+        train, val = carve_validation(pool, flat_train, val_ratio, split_seed)
+        parts = {"train": train, "val": val, "test": np.flatnonzero(flat_test),
+                 "scene": np.arange(height * width)}
+        idx = parts[split]
+        labels = np.where(flat_train > 0, flat_train, flat_test)
+        rows, cols = np.unravel_index(idx, (height, width))
+        t_rows, t_cols = np.unravel_index(train, (height, width))
+
+        self.patch = patch
+        half = patch // 2
+        self.images: list[torch.Tensor] = []
+        self.centres: list[torch.Tensor] = []
+        channels = {}
+        for key, raster in zip(self.raster_keys, rasters):
+            raster = raster.astype(np.float32, copy=False)
+            hm, wm, c = raster.shape
+            tr, tc = map_to_grid(t_rows, t_cols, (height, width), (hm, wm))
+            fit = raster[tr, tc].astype(np.float64)
+            mean, std = fit.mean(0), fit.std(0)
+            std = np.where(std > 1e-12 * np.maximum(np.abs(mean), 1.0), std, 1.0)
+            normed = ((raster - mean) / std).astype(np.float32)
+            padded = np.pad(normed, ((half, half), (half, half), (0, 0)), mode="reflect" if min(hm, wm) > half
+                            else "edge")
+            self.images.append(torch.from_numpy(np.ascontiguousarray(padded.transpose(2, 0, 1))))
+            r, cc = map_to_grid(rows, cols, (height, width), (hm, wm))
+            self.centres.append(torch.from_numpy(np.stack([r, cc], 1)))
+            channels[key] = int(c)
+        self.labels = torch.from_numpy((labels[idx] - 1).astype(np.int64))
+        self.coords = torch.from_numpy(np.stack([rows, cols], 1).astype(np.int64))
+        self._info = {
+            "num_classes": num_classes, "class_names": [str(n) for n in names], "height": int(height),
+            "width": int(width), "channels": channels, "patch": patch,
+            "raster_shapes": {k: list(r.shape) for k, r in zip(self.raster_keys, rasters)},
+            "split_sizes": {k: int(len(v)) for k, v in parts.items()},
+        }
+
+    def read_scene(self, root, **kwargs) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:  # pragma: no cover
+        """Rasters (each H_m x W_m x C_m), training map and test map (label grid, int64)."""
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item: dict[str, Any] = {}
+        p = self.patch
+        for key, image, centres in zip(self.raster_keys, self.images, self.centres):
+            r, c = int(centres[i, 0]), int(centres[i, 1])
+            item[key] = image[:, r:r + p, c:c + p]  # padded by p // 2: the window is centred on (r, c)
+        item.update(label=self.labels[i], coords=self.coords[i], index=torch.tensor(i, dtype=torch.int64))
+        return item
+
+    def info(self) -> dict[str, Any]:
+        import copy
+
+        return copy.deepcopy(self._info)
+
+
+def label_map(array: np.ndarray, path, what: str) -> np.ndarray:
+    """An integer label map (float maps accepted when integral), 0 = unlabelled."""
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim != 2:
+        raise DatasetFormatError(f"{path}: the {what} must be 2-D (H x W), got shape {list(array.shape)}")
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all() or (array != np.round(array)).any():
+            raise DatasetFormatError(f"{path}: the {what} must hold integer class labels")
+    out = array.astype(np.int64)
+    if (out < 0).any():
+        raise DatasetFormatError(f"{path}: the {what} has negative labels; expected 0 (unlabelled) or 1..K")
+    return out
+
+
+def check_raster(array: np.ndarray, path, what: str, bands: int | None = None) -> np.ndarray:
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3:
+        raise DatasetFormatError(f"{path}: the {what} must be H x W x bands, got shape {list(array.shape)}")
+    if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
+        raise DatasetFormatError(f"{path}: the {what} must be real numeric, got {array.dtype}")
+    if bands is not None and array.shape[2] != bands:
+        raise DatasetFormatError(f"{path}: the {what} has {array.shape[2]} bands; the config expects {bands}")
+    bad = int((~np.isfinite(array.astype(np.float32))).sum())
+    if bad:
+        raise DatasetFormatError(f"{path}: {bad} value(s) of the {what} are NaN or infinite")
+    return array
+
+
+def demo_signatures(num_classes: int, groups_a: int, groups_b: int) -> tuple[np.ndarray, np.ndarray]:
+    """Group ids per class for the two modalities: each group is shared by several classes (a single
+    modality confuses them) while the pair (group_a, group_b) is unique per class."""
+    a = np.arange(num_classes) // int(np.ceil(num_classes / groups_a))
+    b = np.arange(num_classes) % groups_b
+    pairs = set(zip(a.tolist(), b.tolist()))
+    if len(pairs) != num_classes:
+        raise ValueError("demo signatures are not unique per class")
+    return a, b
+
+
+def demo_layout(rng: np.random.Generator, height: int, width: int, num_classes: int, block: int,
+                train_per_class: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Class map of square blocks (each class owning several), and train/test maps (0 = unlabelled)."""
+    gy, gx = int(np.ceil(height / block)), int(np.ceil(width / block))
+    cells = np.resize(np.arange(num_classes), gy * gx)
+    cells = rng.permutation(cells).reshape(gy, gx)
+    classes = np.kron(cells, np.ones((block, block), dtype=np.int64))[:height, :width] + 1
+    train = np.zeros((height, width), np.uint8)
+    test = np.zeros((height, width), np.uint8)
+    flat = classes.ravel()
+    for k in range(1, num_classes + 1):
+        pix = rng.permutation(np.flatnonzero(flat == k))
+        n_tr = min(train_per_class, len(pix) // 2)
+        train.ravel()[pix[:n_tr]] = k
+        test.ravel()[pix[n_tr:]] = k
+    return classes, train, test
