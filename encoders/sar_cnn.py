@@ -1,0 +1,60 @@
+"""Three-layer convolutional encoder for SAR chips (AllSpark III-C "SAR": a three-layer CNN).
+
+Each layer is conv -> BatchNorm -> ReLU -> 2x2 max-pool (an 88 x 88 chip gives an 11 x 11 map), so the
+receptive field of a token covers a target's scatterer group; the map's cells become tokens, each plus a
+learned position embedding (the bridge's cross-attention is order-blind, and where a scatterer lies on
+the target matters).
+
+``bn_momentum`` (PyTorch default 0.1) is raised for short runs such as the demo: the running statistics
+otherwise lag behind the fast-changing early weights and evaluation sees mis-scaled features (measured on
+the demo after 36 steps: eval-mode test accuracy 0.20 with 0.1, 0.76-0.88 with 0.3, against 0.95 in
+train mode).
+
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from allspark.registry import ENCODERS
+from allspark.types import Tokens, check_tensor
+
+__all__ = ["SARConvEncoder"]
+
+
+@ENCODERS.register("sar_cnn")
+class SARConvEncoder(nn.Module):
+    """``batch["image"]`` [B, in_chans, S, S] -> ``Tokens`` [B, (S / 8)^2, channels[-1]]."""
+
+    def __init__(self, in_chans: int = 1, image_size: int = 88, channels: Sequence[int] = (32, 64, 128),
+                 kernel_sizes: Sequence[int] = (5, 5, 3), bn_momentum: float = 0.1, image_key: str = "image",
+                 info: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        if len(channels) != 3 or len(kernel_sizes) != 3:
+            raise ValueError(f"sar_cnn: three layers, got channels={list(channels)}, kernel_sizes={list(kernel_sizes)}")
+        if info and "image_size" in info and int(info["image_size"]) != image_size:
+            raise ValueError(f"sar_cnn: image_size={image_size} but the dataset gives {info['image_size']} "
+                             "(model.encoders.*.args.image_size)")
+        if image_size % 8:
+            raise ValueError(f"sar_cnn: image_size {image_size} must be a multiple of 8 (three 2x2 pools)")
+        layers, c_in = [], in_chans
+        for c_out, k in zip(channels, kernel_sizes):
+            layers += [nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=False), nn.BatchNorm2d(c_out, momentum=bn_momentum),
+                       nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            c_in = c_out
+        self.features = nn.Sequential(*layers)
+        grid = image_size // 8
+        self.position_embedding = nn.Parameter(torch.zeros(1, grid * grid, c_in))
+        nn.init.trunc_normal_(self.position_embedding, std=0.02)
+        self.norm = nn.LayerNorm(c_in)
+        self.in_chans, self.image_size, self.image_key = in_chans, image_size, image_key
+        self.input_keys = (image_key,)
+        self.out_dim = int(c_in)
+
+    def forward(self, batch: dict[str, Any]) -> Tokens:
+        x = check_tensor(batch, self.image_key, shape=("B", self.in_chans, self.image_size, self.image_size))
+        fmap = self.features(x.to(self.position_embedding.dtype))
+        tokens = fmap.flatten(2).transpose(1, 2) + self.position_embedding
+        return Tokens.dense(self.norm(tokens))
