@@ -18,6 +18,9 @@ TINY_HSI = [
     "train.epochs=2",
     "train.warmup_epochs=0.5",
     "train.lr=3e-3",
+    # the defaults of the design (the HSI demo block changes both): last-token pooling, random prompts
+    "model.head.args.pooling=last",
+    "model.prompts.train_choice=random",
 ]
 
 
