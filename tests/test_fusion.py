@@ -19,15 +19,6 @@ TINY = ["model.llm.name=tiny", "model.llm.dtype=float32", "train.epochs=1", "tra
 READERS = {"hsi+sar": (BerlinHSISAR, "berlin", "sar"), "hsi+lidar": (Houston2018HSILiDAR, "houston2018", "lidar")}
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
 
 def test_map_to_grid_pixel_centres():
     rows, cols = np.array([0, 1, 2, 3, 47]), np.array([0, 1, 2, 3, 47])

@@ -12,15 +12,6 @@ from encoders.point_ops import farthest_point_sample, group_points, knn
 from encoders.pointbert import PointBERTEncoder
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
 
 # -- FPS and kNN --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -13,15 +13,6 @@ from allspark.data.image_folder import NWPURESISC45, stratified_split
 from encoders.image_backbone import FrozenImageBackbone
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
 
 @pytest.fixture()
 def demo(tmp_path):

@@ -12,15 +12,6 @@ from allspark.data.mstar import MSTARSOC
 from encoders.sar_cnn import SARConvEncoder
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
 
 @pytest.fixture()
 def demo(tmp_path):

@@ -93,16 +93,6 @@ def test_encoder_validates_and_uses_missing_embedding():
         enc(dict(batch, cat=torch.tensor([[3, 0]])))
 
 
-@pytest.fixture
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
-
 def test_tiny_end_to_end_train_beats_training_mean(tmp_path, _fresh_accelerate_state):
     from allspark.config import load_config
     from allspark.evaluate_run import evaluate_checkpoint

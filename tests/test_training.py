@@ -11,15 +11,6 @@ from allspark.training import find_latest_checkpoint, train
 from tests.helpers import TINY_HSI
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
 
 def test_train_writes_run_folder_and_evaluate_writes_report(tmp_path):
     cfg = load_config("hsi", overrides=TINY_HSI)

@@ -104,16 +104,6 @@ def test_encoder_masks_padded_neighbours():
         enc(dict(batch, obs=torch.randn(2, 7, 2)))
 
 
-@pytest.fixture
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
-
 def test_tiny_end_to_end_train_beats_constant_velocity(tmp_path, _fresh_accelerate_state):
     from allspark.config import load_config
     from allspark.training import train

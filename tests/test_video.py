@@ -11,15 +11,6 @@ from allspark.data.ucf101 import UCF101, _write_avi, clip_indices, read_clip
 from encoders.tubevit import TubeSpec, TubeViTEncoder, sincos_3d
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
 
 def test_clip_indices_centre_shrink_and_too_short():
     assert clip_indices(100, 4, 2, None) == [46, 48, 50, 52]  # centred span of 7 frames
