@@ -94,8 +94,8 @@ class FrozenImageBackbone(nn.Module):
             if model_name != "efficientnet_lite0":
                 raise ValueError(f"weights={WHEEL_WEIGHTS!r} holds EfficientNet-Lite0; model_name is {model_name!r}")
             full = timm.create_model(model_name, pretrained=False)
-            load_lukemelas_efficientnet(full, torch.load(efficientnet_lite0_wheel_file(), map_location="cpu",
-                                                         weights_only=True))
+            wheel_state = torch.load(efficientnet_lite0_wheel_file(), map_location="cpu", weights_only=True)
+            load_lukemelas_efficientnet(full, wheel_state)
             self.backbone.load_state_dict({k: v for k, v in full.state_dict().items()
                                            if not k.startswith("classifier.")}, strict=True)
         elif weights not in ("timm", "none", None):
