@@ -115,6 +115,7 @@ def bench_modality(modality: str, dtype_name: str, args) -> dict:
         "modality": modality,
         "dtype": dtype_name,
         "llm": cfg.model.llm.name,
+        "sizes": "paper" if args.paper else "demo",
         "batch_size": batch_size,
         "max_sequence_length": seq_len,
         "trainable_params": model.num_parameters(trainable_only=True),
@@ -158,11 +159,26 @@ def main() -> None:
         print(" | ".join([r["modality"], r["dtype"], str(r["batch_size"]), f"{r['train_samples_per_s']:.1f}",
                           f"{r['eval_samples_per_s']:.1f}", f"{r['train_gflops']:.1f}", f"{r['matmul_gflops']:.1f}",
                           f"{r['train_efficiency']:.2f}", f"{r['eval_efficiency']:.2f}", f"{r['peak_rss_mib']:.0f}"]))
-    result = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "torch": torch.__version__, "threads": torch.get_num_threads()},
-        "results": rows,
-    }
+    machine = {"platform": platform.platform(), "processor": platform.processor(),
+               "torch": torch.__version__, "threads": torch.get_num_threads()}
+    for r in rows:
+        r["machine"] = machine
+        r["measured"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    # The file keeps one row per (modality, dtype, llm, sizes): a new measurement replaces the old one
+    # of the same key and leaves the other modalities' rows in place.
+    def key(r):
+        return (r["modality"], r["dtype"], r["llm"], r.get("sizes", "demo"))
+
+    old = []
+    if args.out.is_file():
+        try:
+            old = json.loads(args.out.read_text()).get("results", [])
+        except (json.JSONDecodeError, AttributeError):
+            print(f"warning: {args.out} is not a results file of this script; overwriting it")
+    fresh = {key(r) for r in rows}
+    merged = [r for r in old if key(r) not in fresh] + rows
+    merged.sort(key=key)
+    result = {"machine": machine, "results": merged}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     from allspark.io import atomic_write_text
 

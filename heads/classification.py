@@ -47,8 +47,13 @@ class ClassificationHead(nn.Module):
         logits = self.linear(pooled)
         loss = None
         labels = batch.get(self.label_key)
-        if labels is not None and (labels != self.ignore_index).any():
-            loss = F.cross_entropy(
-                logits, labels, ignore_index=self.ignore_index, label_smoothing=self.label_smoothing
-            )
+        if labels is not None:
+            if (labels != self.ignore_index).any():
+                loss = F.cross_entropy(
+                    logits, labels, ignore_index=self.ignore_index, label_smoothing=self.label_smoothing
+                )
+            else:
+                # Every row unlabelled (e.g. the unlabelled pixels of a fusion scene): the mean over no
+                # labelled row is taken as 0, kept in the graph so that every process runs a backward.
+                loss = logits.sum() * 0.0
         return Output(loss, {"logits": logits, "pred": logits.argmax(dim=-1)})

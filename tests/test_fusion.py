@@ -47,10 +47,50 @@ def test_demo_reader_splits_and_coregistration(modality):
     assert centre.mean(0).abs().max() < 0.2
 
 
+def test_unlabelled_pixels_join_the_training_split_only_from_outside_both_maps():
+    root = demo_root("berlin")
+    plain = BerlinHSISAR(root, "train", patch=3)
+    semi = BerlinHSISAR(root, "train", patch=3, unlabelled_ratio=1.5)
+    test = BerlinHSISAR(root, "test", patch=3)
+    n = len(plain)
+    extra = semi.labels[semi.labels == -1]
+    assert len(semi) == n + round(1.5 * n) and len(extra) == round(1.5 * n)
+    assert torch.equal(semi.labels[semi.labels >= 0].sort().values, plain.labels.sort().values)
+    free = {tuple(c) for c, y in zip(semi.coords.tolist(), semi.labels.tolist()) if y == -1}
+    assert len(free) == len(extra)
+    assert not free & {tuple(c) for c in test.coords.tolist()}  # test pixels never enter training
+    assert not free & {tuple(c) for c in plain.coords.tolist()}
+    assert semi.info()["unlabelled_train"] == len(extra)
+    # Same draw for the same seed; the labelled statistics (normalisation) are unchanged.
+    again = BerlinHSISAR(root, "train", patch=3, unlabelled_ratio=1.5)
+    assert torch.equal(again.coords, semi.coords)
+    assert torch.allclose(semi[0]["hsi"], plain[0]["hsi"])
+    with pytest.raises(DatasetFormatError, match="labelled in neither map"):
+        BerlinHSISAR(root, "train", patch=3, unlabelled_ratio=1000)
+    with pytest.raises(ValueError, match="unlabelled_ratio"):
+        BerlinHSISAR(root, "train", patch=3, unlabelled_ratio=-1)
+
+
+def test_classification_loss_of_an_all_unlabelled_batch_is_zero_and_differentiable():
+    from heads.classification import ClassificationHead
+    from allspark.types import LLMOutput
+
+    head = ClassificationHead(hidden_size=8, num_classes=3)
+    hidden = torch.randn(4, 5, 8, requires_grad=True)
+    out = LLMOutput(hidden, torch.ones(4, 5, dtype=torch.bool), torch.full((4,), 4), 0)
+    res = head(out, {"label": torch.full((4,), -1)})
+    assert res.loss.item() == 0.0
+    res.loss.backward()
+    assert hidden.grad is not None and torch.all(hidden.grad == 0)
+    mixed = head(out, {"label": torch.tensor([-1, 0, 2, -1])})
+    ref = torch.nn.functional.cross_entropy(mixed.predictions["logits"][[1, 2]], torch.tensor([0, 2]))
+    assert torch.allclose(mixed.loss, ref)
+
+
 @pytest.mark.parametrize("modality", sorted(READERS))
 def test_demo_each_modality_alone_is_ambiguous_the_pair_is_not(modality):
-    """Nearest-centroid on patch means (each modality's block scaled to equal weight): one modality tops out
-    near half the classes, the pair is near perfect."""
+    """Nearest-centroid on patch means (each modality's block scaled to equal weight): one modality confuses
+    a quarter of the classes in pairs (so it tops out near 7/8 of 0.75 + 0.25 / 2), the pair is near perfect."""
     cls, name, other = READERS[modality]
     root = demo_root(name)
     train, test = cls(root, "train", patch=3), cls(root, "test", patch=3)
@@ -68,8 +108,8 @@ def test_demo_each_modality_alone_is_ambiguous_the_pair_is_not(modality):
         pred = torch.cdist(xte, cent).argmin(1)
         return (pred == test.labels).float().mean().item()
 
-    assert accuracy(["hsi"]) < 0.6
-    assert accuracy([other]) < 0.6
+    assert accuracy(["hsi"]) < 0.82
+    assert accuracy([other]) < 0.82
     assert accuracy(["hsi", other]) > 0.85
 
 

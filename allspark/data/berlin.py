@@ -46,7 +46,7 @@ class BerlinHSISAR(PairedRasterScene):
     raster_keys: ClassVar[tuple[str, ...]] = ("hsi", "sar")
     default_class_names = BERLIN_CLASS_NAMES
     dataset_name = "Berlin"
-    demo_version: ClassVar[int] = 1
+    demo_version: ClassVar[int] = 4
 
     def read_scene(self, root: Path, hsi_bands: int | None = None, sar_channels: int | None = None):
         from allspark.data.pavia import read_mat_array
@@ -67,25 +67,27 @@ class BerlinHSISAR(PairedRasterScene):
 
     @classmethod
     def write_demo(cls, root, seed: int = 0, height: int = 48, width: int = 48, bands: int = 244,
-                   sar_channels: int = 4) -> None:
+                   sar_channels: int = 4, train_per_class: int = 20) -> None:
         """A small co-registered scene in the release's layout: label grid and SAR ``height x width``, the
-        HSI on a grid twice as coarse. Eight classes in square blocks; each class has one of four spectra
-        (shared by two classes: HSI alone confuses them) and one of four SAR backscatter signatures (also
-        shared by two classes), with unique (spectrum, backscatter) pairs, so only the pair separates all
-        eight. HSI: endmember x illumination U(0.8, 1.2) + Gaussian noise; SAR: signature x
-        Gamma(4, 1/4) speckle (4-look intensity). 30 training pixels per class, the rest of the class is
-        test."""
+        HSI on a grid twice as coarse. Eight classes in square blocks. HSI: six spectra, classes 0/1 and 2/3
+        sharing one each (HSI alone confuses them); SAR: six backscatter signatures, classes 4/5 and 6/7
+        sharing one each; only the pair separates all eight. HSI: endmember x illumination U(0.8, 1.2) +
+        Gaussian noise; SAR: signature x Gamma(4, 1/4) speckle (4-look intensity). ``train_per_class``
+        training pixels per class; half of the rest of the class is test, the other half labelled in
+        neither map (unlabelled pixels, as in the release)."""
         import scipy.io
 
         rng = np.random.default_rng(seed)
         k = len(BERLIN_CLASS_NAMES)
-        spec_group, sar_group = demo_signatures(k, 4, 4)
-        classes, train, test = demo_layout(rng, height, width, k, block=6, train_per_class=30)
+        spec_group, sar_group = demo_signatures(k, 2, 2)
+        classes, train, test = demo_layout(rng, height, width, k, block=6, train_per_class=train_per_class,
+                                             test_fraction=0.5)
         wl = np.linspace(0, 1, bands)
-        centres = rng.uniform(0.1, 0.9, (4, 3))
+        centres = rng.uniform(0.1, 0.9, (spec_group.max() + 1, 3))
         spectra = np.stack([0.2 + sum(0.25 * np.exp(-0.5 * ((wl - c) / 0.08) ** 2) for c in cs) for cs in centres])
-        backscatter = np.array([[0.05, 0.01, 0.02, 0.01], [0.3, 0.08, 0.1, 0.05],
-                                [0.05, 0.2, 0.02, 0.15], [0.4, 0.4, 0.3, 0.3]])[:, :sar_channels]
+        backscatter = np.array([[0.05, 0.01, 0.02, 0.01], [0.3, 0.08, 0.1, 0.05], [0.05, 0.2, 0.02, 0.15],
+                                [0.4, 0.4, 0.3, 0.3], [0.15, 0.3, 0.25, 0.02], [0.02, 0.05, 0.3, 0.35]])
+        backscatter = backscatter[: sar_group.max() + 1, :sar_channels]
         hh, hw = height // 2, width // 2
         coarse = classes[::2, ::2][:hh, :hw] - 1  # blocks are even-sized: each coarse pixel has one class
         hsi = spectra[spec_group[coarse]] * rng.uniform(0.8, 1.2, (hh, hw, 1)) + rng.normal(0, 0.02, (hh, hw, bands))

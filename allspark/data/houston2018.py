@@ -70,7 +70,7 @@ class Houston2018HSILiDAR(PairedRasterScene):
     raster_keys: ClassVar[tuple[str, ...]] = ("hsi", "lidar")
     default_class_names = HOUSTON2018_CLASS_NAMES
     dataset_name = "Houston 2018"
-    demo_version: ClassVar[int] = 1
+    demo_version: ClassVar[int] = 4
 
     def read_scene(self, root: Path, hsi_bands: int | None = None):
         files = [HSI_FILE, *LIDAR_FILES, TRAIN_FILE, TEST_FILE]
@@ -94,22 +94,25 @@ class Houston2018HSILiDAR(PairedRasterScene):
         return [hsi, lidar], train, test
 
     @classmethod
-    def write_demo(cls, root, seed: int = 0, height: int = 60, width: int = 60, bands: int = 48) -> None:
+    def write_demo(cls, root, seed: int = 0, height: int = 60, width: int = 60, bands: int = 48,
+                   train_per_class: int = 20) -> None:
         """A small co-registered scene in the contest layout: labels and LiDAR ``height x width``, HSI on a
-        grid twice as coarse (as 1 m vs 0.5 m). Twenty classes in square blocks; class ``k`` has spectrum
-        ``k // 2`` of ten (HSI alone confuses pairs of classes) and LiDAR intensity signature ``k % 10`` of
-        ten (LiDAR alone confuses classes ``k`` and ``k + 10``); the pair is unique. 30 training pixels per
-        class, the rest test."""
+        grid twice as coarse (as 1 m vs 0.5 m). Twenty classes in square blocks. HSI: fifteen spectra, the
+        class pairs 0/1, 2/3, ..., 8/9 sharing one each (HSI alone confuses them); LiDAR: fifteen intensity
+        signatures, the pairs 10/11, ..., 18/19 sharing one each; the pair of modalities separates all.
+        ``train_per_class`` training pixels per class; half of the rest is test, the other half labelled in
+        neither map (unlabelled pixels)."""
         import tifffile
 
         rng = np.random.default_rng(seed)
         k = len(HOUSTON2018_CLASS_NAMES)
-        spec_group, lidar_group = demo_signatures(k, 10, 10)
-        classes, train, test = demo_layout(rng, height, width, k, block=6, train_per_class=30)
+        spec_group, lidar_group = demo_signatures(k, 5, 5)
+        classes, train, test = demo_layout(rng, height, width, k, block=6, train_per_class=train_per_class,
+                                             test_fraction=0.5)
         wl = np.linspace(0, 1, bands)
-        centres = rng.uniform(0.05, 0.95, (10, 2))
+        centres = rng.uniform(0.05, 0.95, (spec_group.max() + 1, 2))
         spectra = np.stack([0.15 + sum(0.3 * np.exp(-0.5 * ((wl - c) / 0.07) ** 2) for c in cs) for cs in centres])
-        signatures = rng.uniform(5.0, 60.0, (10, 3))
+        signatures = rng.uniform(5.0, 60.0, (lidar_group.max() + 1, 3))
         hh, hw = height // 2, width // 2
         coarse = classes[::2, ::2][:hh, :hw] - 1
         hsi = spectra[spec_group[coarse]] * rng.uniform(0.85, 1.15, (hh, hw, 1)) + rng.normal(0, 0.02, (hh, hw, bands))

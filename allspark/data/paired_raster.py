@@ -14,7 +14,13 @@ pixels of the ``scene`` split), ``coords`` [row, col] on the label grid and ``in
 
 Splits: ``train`` = the training map minus a validation part (``round(val_ratio * n)`` per class, at least
 1 where the class has 2 or more training pixels, drawn with ``split_seed``); ``val``; ``test`` = the test
-map; ``scene`` = every pixel of the label grid, row-major. Per-band mean and standard deviation of each
+map; ``scene`` = every pixel of the label grid, row-major.
+
+Unlabelled pixels (``unlabelled_ratio`` > 0): the ``train`` split also holds ``round(unlabelled_ratio x
+n_train)`` pixels drawn (with ``split_seed``) from those labelled in *neither* map, with ``label`` -1. The
+classification loss ignores them; a correlation objective (``model.alignment``) needs no label and learns
+from them too -- the semi-supervised use of maximal correlation on paired modalities. Test pixels are never
+used this way. Per-band mean and standard deviation of each
 raster are fitted on the raster pixels under the ``train`` labels only and applied everywhere.
 """
 from __future__ import annotations
@@ -64,12 +70,15 @@ class PairedRasterScene(ModalityDataset):
     dataset_name: ClassVar[str] = "paired raster scene"
 
     def __init__(self, root, split: str, *, patch: int = 7, val_ratio: float = 0.1, split_seed: int = 0,
-                 class_names: Sequence[str] | None = None, **read_args: Any) -> None:
+                 class_names: Sequence[str] | None = None, unlabelled_ratio: float = 0.0,
+                 **read_args: Any) -> None:
         super().__init__(root, split)
         if patch < 1 or patch % 2 == 0:
             raise ValueError(f"{self.dataset_name}: patch must be an odd size >= 1, got {patch}")
         if not 0 <= val_ratio < 1:
             raise ValueError(f"{self.dataset_name}: val_ratio must be in [0, 1), got {val_ratio}")
+        if not unlabelled_ratio >= 0:
+            raise ValueError(f"{self.dataset_name}: unlabelled_ratio must be >= 0, got {unlabelled_ratio}")
         rasters, train_map, test_map = self.read_scene(self.root, **read_args)
         if len(rasters) != len(self.raster_keys):
             raise RuntimeError(f"{type(self).__name__}.read_scene returned {len(rasters)} rasters for keys "
@@ -98,7 +107,16 @@ class PairedRasterScene(ModalityDataset):
         flat_train, flat_test = train_map.ravel(), test_map.ravel()
         pool = np.flatnonzero(flat_train)
         train, val = carve_validation(pool, flat_train, val_ratio, split_seed)
-        parts = {"train": train, "val": val, "test": np.flatnonzero(flat_test),
+        unlabelled = np.empty(0, dtype=np.int64)
+        if unlabelled_ratio > 0:
+            free = np.flatnonzero((flat_train == 0) & (flat_test == 0))
+            want = int(round(unlabelled_ratio * len(train)))
+            if want > len(free):
+                raise DatasetFormatError(
+                    f"{self.dataset_name}: unlabelled_ratio={unlabelled_ratio} asks for {want} unlabelled pixels "
+                    f"but only {len(free)} pixels are labelled in neither map")
+            unlabelled = np.sort(np.random.default_rng([split_seed, 2]).choice(free, want, replace=False))
+        parts = {"train": np.concatenate([train, unlabelled]), "val": val, "test": np.flatnonzero(flat_test),
                  "scene": np.arange(height * width)}
         idx = parts[split]
         labels = np.where(flat_train > 0, flat_train, flat_test)
@@ -130,7 +148,7 @@ class PairedRasterScene(ModalityDataset):
             "num_classes": num_classes, "class_names": [str(n) for n in names], "height": int(height),
             "width": int(width), "channels": channels, "patch": patch,
             "raster_shapes": {k: list(r.shape) for k, r in zip(self.raster_keys, rasters)},
-            "split_sizes": {k: int(len(v)) for k, v in parts.items()},
+            "split_sizes": {k: int(len(v)) for k, v in parts.items()}, "unlabelled_train": int(len(unlabelled)),
         }
 
     def read_scene(self, root, **kwargs) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:  # pragma: no cover
@@ -185,20 +203,33 @@ def check_raster(array: np.ndarray, path, what: str, bands: int | None = None) -
     return array
 
 
-def demo_signatures(num_classes: int, groups_a: int, groups_b: int) -> tuple[np.ndarray, np.ndarray]:
-    """Group ids per class for the two modalities: each group is shared by several classes (a single
-    modality confuses them) while the pair (group_a, group_b) is unique per class."""
-    a = np.arange(num_classes) // int(np.ceil(num_classes / groups_a))
-    b = np.arange(num_classes) % groups_b
-    pairs = set(zip(a.tolist(), b.tolist()))
-    if len(pairs) != num_classes:
+def demo_signatures(num_classes: int, confused_a: int, confused_b: int) -> tuple[np.ndarray, np.ndarray]:
+    """Signature ids per class for the two modalities. Modality A gives the first ``confused_a`` class pairs
+    ((0, 1), (2, 3), ...) one shared signature each, modality B the last ``confused_b`` pairs; every other
+    class has a signature of its own in both. So each modality alone confuses some classes, the pair
+    separates all, and the two modalities still share most of the class information (what a correlation
+    objective can learn from unlabelled pairs)."""
+    if 2 * (confused_a + confused_b) > num_classes:
+        raise ValueError("demo signatures: the confused pairs of the two modalities must not overlap")
+
+    def merge(pairs: list[int]) -> np.ndarray:
+        ids = np.arange(num_classes)
+        for p in pairs:
+            ids[2 * p + 1] = ids[2 * p]
+        return np.unique(ids, return_inverse=True)[1].reshape(-1)
+
+    a = merge(list(range(confused_a)))
+    b = merge(list(range(num_classes // 2 - confused_b, num_classes // 2)))
+    if len(set(zip(a.tolist(), b.tolist()))) != num_classes:
         raise ValueError("demo signatures are not unique per class")
     return a, b
 
 
 def demo_layout(rng: np.random.Generator, height: int, width: int, num_classes: int, block: int,
-                train_per_class: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Class map of square blocks (each class owning several), and train/test maps (0 = unlabelled)."""
+                train_per_class: int, test_fraction: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Class map of square blocks (each class owning several), and train/test maps (0 = unlabelled).
+    ``test_fraction`` of each class's pixels outside the training map are test pixels; the rest are
+    labelled in neither map (as in the real scenes)."""
     gy, gx = int(np.ceil(height / block)), int(np.ceil(width / block))
     cells = np.resize(np.arange(num_classes), gy * gx)
     cells = rng.permutation(cells).reshape(gy, gx)
@@ -209,6 +240,7 @@ def demo_layout(rng: np.random.Generator, height: int, width: int, num_classes: 
     for k in range(1, num_classes + 1):
         pix = rng.permutation(np.flatnonzero(flat == k))
         n_tr = min(train_per_class, len(pix) // 2)
+        n_te = int(round(test_fraction * (len(pix) - n_tr)))
         train.ravel()[pix[:n_tr]] = k
-        test.ravel()[pix[n_tr:]] = k
+        test.ravel()[pix[n_tr:n_tr + n_te]] = k
     return classes, train, test
