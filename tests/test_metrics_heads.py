@@ -46,7 +46,8 @@ def test_classification_head_pools_last_and_ignores_unlabelled():
     changed = hidden.clone()
     changed[:, :4] = 0
     assert torch.allclose(head(_llm_out(changed), {}).predictions["logits"], out.predictions["logits"])
-    assert head(_llm_out(hidden), {"label": torch.full((4,), -1)}).loss is None
+    assert head(_llm_out(hidden), {"label": torch.full((4,), -1)}).loss.item() == 0.0  # mean over no labelled row
+    assert head(_llm_out(hidden), {}).loss is None
     with pytest.raises(ValueError, match="num_classes=3"):
         ClassificationHead(8, 3, info={"num_classes": 9})
 
