@@ -26,6 +26,7 @@ __all__ = [
     "HeadConfig",
     "PromptConfig",
     "AlignmentConfig",
+    "TextInputConfig",
     "ModelConfig",
     "DataConfig",
     "TrainConfig",
@@ -126,6 +127,22 @@ class AlignmentConfig:
 
 
 @dataclass
+class TextInputConfig:
+    """The text-input path (tasks with no encoder, whose batch carries raw ``input_text``/``target_text``
+    strings: text, code). The model tokenises them with the LLM's own tokenizer into
+    ``[prompt | separator | input | separator | target | eos]`` (see :mod:`allspark.language`)."""
+
+    #: token budget of the input (a longer review / function is truncated; the count is reported)
+    max_input_tokens: int = 512
+    #: token budget of the target (label word, docstring), before the end-of-sequence token
+    max_target_tokens: int = 128
+    #: which end of an over-long input is kept: ``head`` (its first tokens) or ``tail`` (its last)
+    keep: str = "head"
+    separator: str = "\n"
+    append_eos: bool = True
+
+
+@dataclass
 class ModelConfig:
     encoders: list[EncoderConfig] = field(default_factory=list)
     bridge: BridgeConfig = field(default_factory=BridgeConfig)
@@ -133,6 +150,7 @@ class ModelConfig:
     head: HeadConfig = field(default_factory=HeadConfig)
     prompts: PromptConfig = field(default_factory=PromptConfig)
     alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
+    text_input: TextInputConfig = field(default_factory=TextInputConfig)
 
 
 @dataclass
@@ -170,6 +188,13 @@ class TrainConfig:
     greater_is_better: bool = True
     #: evaluate on the validation split every N epochs
     eval_every_epochs: int = 1
+    #: only the trainable parameters matching these shell patterns train; the others are held (still saved)
+    train_only: list[str] = field(default_factory=list)
+    #: start from the trainable weights of this checkpoint folder (parts it lacks keep their initial values)
+    init_from: str | None = None
+    #: training stages run in order, each ``{name: str, overrides: {dotted.key: value}}`` applied to this
+    #: config; a stage starts from the previous stage's best weights (see allspark.training.train_stages)
+    stages: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass

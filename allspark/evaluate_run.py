@@ -56,6 +56,7 @@ def evaluate_checkpoint(
         gathered[name] = collect_predictions(model, accelerator.prepare(loader), accelerator,
                                              evaluator.pred_keys, evaluator.batch_keys, name)
     metrics = {"split": split, "checkpoint": str(ckpt), **evaluator.compute(gathered[split])}
+    metrics.update(evaluator.model_metrics(accelerator.unwrap_model(model), dataset, accelerator))
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_metrics(out_dir / "metrics.json", metrics)

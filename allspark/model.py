@@ -3,7 +3,8 @@
 Nothing here depends on a modality's name: the config names the encoders, the prompt set and the head,
 and the registries resolve them. The sequence given to the language model is, per example,
 ``[bridge tokens s_i | prompt tokens T(p_i) | padding]`` (paper eq. 2, s_i before the prompt), right-padded
-with an attention mask so batched rows of different prompt lengths are exact.
+with an attention mask so batched rows of different prompt lengths are exact. A task with no encoder whose
+batch carries raw text (``input_text``) takes ``[prompt | input | target]`` instead: see :mod:`allspark.language`.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from torch import nn
 from allspark.bridge import ModalBridge
 from allspark.config import Config, config_from_yaml_text, save_config, to_dict
 from allspark.io import atomic_dir
+from allspark.language import INPUT_KEY as TEXT_INPUT_KEY, TextCodec, run_text_llm
 from allspark.llm import LoadedLLM, load_llm
 from allspark.registry import ENCODERS, HEADS
 from allspark.types import LLMOutput, Output, Tokens
@@ -67,7 +69,8 @@ class AllSpark(nn.Module):
             else None
         )
         self.head = HEADS.build(
-            {"type": mcfg.head.type, **mcfg.head.args}, hidden_size=self.hidden_size, optional={"info": self.info}
+            {"type": mcfg.head.type, **mcfg.head.args}, hidden_size=self.hidden_size,
+            optional={"info": self.info, "llm": self._llm},  # ``llm``: for heads that run text through it
         )
         self._build_alignment(mcfg.alignment)
         self.prompts = load_prompts(mcfg.prompts.set or cfg.modality, self.info)
@@ -82,6 +85,28 @@ class AllSpark(nn.Module):
             "prompt_ids", torch.tensor([i + [pad] * (width - len(i)) for i in ids]), persistent=False
         )
         self.register_buffer("prompt_lengths", torch.tensor([len(i) for i in ids]), persistent=False)
+        # Tasks with no encoder take raw text (``input_text``/``target_text``), tokenised by the model.
+        self.text_codec = TextCodec(tok, mcfg.text_input) if not len(self.encoders) else None
+        self._hold_parameters(getattr(cfg.train, "train_only", None) or [])
+
+    def _hold_parameters(self, patterns: list[str]) -> None:
+        """``train.train_only``: only trainable parameters whose name matches one of these shell patterns
+        keep training; the others are held fixed (no gradient) but stay in the checkpoint (a training stage
+        that freezes what an earlier stage trained)."""
+        import fnmatch
+
+        self._held: set[str] = set()
+        if not patterns:
+            return
+        names = [n for n, p in self.named_parameters() if p.requires_grad]
+        for pattern in patterns:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                raise ValueError(f"train.train_only pattern {pattern!r} matches no trainable parameter; "
+                                 f"they are named like {names[:6]}")
+        for name, p in self.named_parameters():
+            if p.requires_grad and not any(fnmatch.fnmatchcase(name, pat) for pat in patterns):
+                p.requires_grad_(False)
+                self._held.add(name)
 
     def _build_alignment(self, acfg) -> None:
         """Per-encoder projections to a common width and the correlation objective (if configured)."""
@@ -176,6 +201,9 @@ class AllSpark(nn.Module):
         return x, mask, n + lengths - 1
 
     def run_llm(self, batch: dict[str, Any], token_sets: list[Tokens] | None = None) -> LLMOutput:
+        if self.text_codec is not None and TEXT_INPUT_KEY in batch:
+            # No encoder, the input is language: [prompt | input | target] (see allspark.language).
+            return run_text_llm(self, batch)
         batch_size = _batch_size(batch)
         modality = self.encode(batch, token_sets) if self.bridge is not None else None
         x, mask, last = self.build_sequence(modality, batch_size, batch.get("prompt_index"))
@@ -211,18 +239,20 @@ class AllSpark(nn.Module):
         the language model (e.g. the regression head's scaler). The frozen LLM is not saved."""
         state = {}
         for name, p in self.named_parameters():
-            if p.requires_grad:
+            if p.requires_grad or name in getattr(self, "_held", ()):
                 state[name] = p.detach()
         for name, buf in self.state_dict().items():
             if name not in state and not name.startswith("llm.") and not _is_param(self, name):
                 state[name] = buf.detach()
         return state
 
-    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> list[str]:
+        """Load trainable weights; ``strict=False`` lets parts the checkpoint lacks keep their initial
+        values (a later training stage adding a module) and returns their names."""
         expected = set(self.trainable_state_dict())
         missing = sorted(expected - set(state))
         unexpected = sorted(set(state) - expected)
-        if missing or unexpected:
+        if unexpected or (missing and strict):
             raise ValueError(
                 "checkpoint does not match the model built from its config: "
                 f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
@@ -235,6 +265,7 @@ class AllSpark(nn.Module):
                 raise ValueError(f"checkpoint tensor {name}: shape {list(value.shape)}, model has {list(target.shape)}")
             with torch.no_grad():
                 target.copy_(value.to(target.dtype))
+        return missing
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write the trainable weights, the resolved config and the data info, atomically."""

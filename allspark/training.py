@@ -31,7 +31,7 @@ from allspark.model import AllSpark
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainerState", "train", "find_latest_checkpoint", "build_optimizer"]
+__all__ = ["TrainerState", "train", "train_stages", "find_latest_checkpoint", "build_optimizer"]
 
 STATE_NAME = "trainer_state.json"
 
@@ -114,6 +114,8 @@ def train(
     ``step_callback`` is called on every process after each optimizer step (used by tests).
     """
     output_dir = Path(output_dir)
+    if cfg.train.stages:
+        return train_stages(cfg, output_dir, resume=resume, step_callback=step_callback)
     tcfg = cfg.train
     accelerator = Accelerator(
         gradient_accumulation_steps=tcfg.grad_accum_steps,
@@ -134,6 +136,12 @@ def train(
     test_set = build_dataset(cfg, "test", root)
     info = train_set.info()
     model = AllSpark(cfg, info)
+    if tcfg.init_from:
+        from allspark.evaluate_run import resolve_checkpoint
+
+        start = resolve_checkpoint(Path(tcfg.init_from).expanduser())
+        fresh = model.load_trainable_state_dict(load_file(str(start / "model.safetensors")), strict=False)
+        logger.info("initialised from %s (%d tensors not in it keep their initial values)", start, len(fresh))
     evaluator = build_evaluator(cfg, info)
 
     sampler = EpochSampler(len(train_set), seed=cfg.seed)
@@ -191,6 +199,7 @@ def train(
             shutil.rmtree(tmp)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()  # every process has written its part before the folder is renamed
         if main:
             atomic_write_text(tmp / STATE_NAME, json.dumps(asdict(state)))
             if ckpt.exists():
@@ -318,3 +327,60 @@ def train(
         log.write({"test/" + k: v for k, v in metrics.items() if isinstance(v, (int, float))})
     accelerator.end_training()
     return metrics
+
+
+def train_stages(
+    cfg: Config,
+    output_dir: str | Path,
+    *,
+    resume: str | Path | bool | None = None,
+    step_callback: Callable[[TrainerState], None] | None = None,
+) -> dict[str, Any]:
+    """Run ``cfg.train.stages`` in order (e.g. CISEN: V2TMap, then HFE with V2TMap held).
+
+    Stage ``i`` is ``cfg`` with the stage's ``overrides`` applied (and ``train.init_from`` set to the previous
+    stage's ``best/`` unless the stage sets it), trained into ``output_dir/stage<i>-<name>``. Afterwards the
+    last stage's ``best/`` is copied to ``output_dir/best`` and ``output_dir/metrics.json`` holds the last
+    stage's test metrics plus every stage's under ``stages``. ``resume``: finished stages (with a
+    ``metrics.json``) are skipped and the unfinished one resumes from its newest checkpoint.
+    """
+    from accelerate import PartialState
+
+    from allspark.config import ConfigError, apply_overrides, from_dict, to_dict
+    from allspark.io import atomic_dir
+
+    output_dir = Path(output_dir)
+    base = to_dict(cfg)
+    base["train"]["stages"] = []
+    results: dict[str, dict[str, Any]] = {}
+    previous: Path | None = None
+    metrics: dict[str, Any] = {}
+    for i, stage in enumerate(cfg.train.stages):
+        if not isinstance(stage, dict) or "name" not in stage or set(stage) - {"name", "overrides"}:
+            raise ConfigError(f"train.stages[{i}] must be {{name: str, overrides: {{dotted.key: value}}}}, got {stage!r}")
+        name = str(stage["name"])
+        overrides = dict(stage.get("overrides") or {})
+        if "train.stages" in overrides:
+            raise ConfigError(f"train.stages[{i}] ({name}) cannot set train.stages")
+        if previous is not None:
+            overrides.setdefault("train.init_from", str(previous))
+        stage_cfg = from_dict(Config, apply_overrides(base, overrides))
+        stage_dir = output_dir / f"stage{i + 1}-{name}"
+        if resume and (stage_dir / "metrics.json").is_file():
+            metrics = json.loads((stage_dir / "metrics.json").read_text())
+        else:
+            stage_resume = True if resume and find_latest_checkpoint(stage_dir) is not None else None
+            logger.info("training stage %d/%d: %s", i + 1, len(cfg.train.stages), name)
+            metrics = train(stage_cfg, stage_dir, resume=stage_resume, step_callback=step_callback)
+        results[name] = metrics
+        previous = stage_dir / "best"
+    final = {**metrics, "stages": {n: {k: v for k, v in m.items() if isinstance(v, (int, float))}
+                                   for n, m in results.items()}}
+    if PartialState().is_main_process:
+        save_config(cfg, output_dir / "config.yaml")
+        with atomic_dir(output_dir / "best") as tmp:
+            for f in previous.iterdir():
+                shutil.copy2(f, tmp / f.name)
+        write_metrics(output_dir / "metrics.json", final)
+    PartialState().wait_for_everyone()
+    return final

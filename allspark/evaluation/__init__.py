@@ -63,6 +63,11 @@ class Evaluator:
     def compute(self, gathered: dict[str, np.ndarray]) -> dict[str, Any]:
         raise NotImplementedError
 
+    def model_metrics(self, model, dataset, accelerator=None) -> dict[str, Any]:
+        """Metrics that need the model itself beyond its per-batch predictions (ranking candidates across
+        a split, generation); ``evaluate.py`` adds them to ``compute``'s. None by default."""
+        return {}
+
     def figures(self, gathered: dict[str, np.ndarray], metrics: dict[str, Any], extra: dict[str, dict],
                 out_dir: Path) -> list[tuple[str, str]]:
         """Write figures into ``out_dir``; return (caption, file name) pairs for the report."""
