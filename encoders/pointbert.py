@@ -27,13 +27,15 @@ __all__ = ["MiniPointNet", "PointBERTEncoder"]
 class MiniPointNet(nn.Module):
     """Group of points ``[M, K, C]`` -> one feature ``[M, out_dim]`` (Point-BERT's group encoder)."""
 
-    def __init__(self, in_channels: int, out_dim: int) -> None:
+    def __init__(self, in_channels: int, out_dim: int, bn_momentum: float = 0.1) -> None:
         super().__init__()
         self.first = nn.Sequential(
-            nn.Conv1d(in_channels, 128, 1), nn.BatchNorm1d(128), nn.ReLU(inplace=True), nn.Conv1d(128, 256, 1)
+            nn.Conv1d(in_channels, 128, 1), nn.BatchNorm1d(128, momentum=bn_momentum), nn.ReLU(inplace=True),
+            nn.Conv1d(128, 256, 1),
         )
         self.second = nn.Sequential(
-            nn.Conv1d(512, 512, 1), nn.BatchNorm1d(512), nn.ReLU(inplace=True), nn.Conv1d(512, out_dim, 1)
+            nn.Conv1d(512, 512, 1), nn.BatchNorm1d(512, momentum=bn_momentum), nn.ReLU(inplace=True),
+            nn.Conv1d(512, out_dim, 1),
         )
 
     def forward(self, groups: torch.Tensor) -> torch.Tensor:
@@ -50,6 +52,11 @@ class PointBERTEncoder(nn.Module):
 
     Paper sizes (Point-BERT on ModelNet40): 1024 points, ``G=64`` groups of ``N=32``, width 384,
     12 blocks, 6 heads.
+
+    ``bn_momentum``: of the mini-PointNet's BatchNorm running statistics (PyTorch's 0.1 by default). In a
+    short run at a high learning rate the weights move faster than a 0.1 running average follows, and the
+    eval-mode statistics no longer match the features (the demo then predicts one class at test time
+    while training-mode accuracy is fine); the demo config uses 0.5.
     """
 
     def __init__(
@@ -64,6 +71,7 @@ class PointBERTEncoder(nn.Module):
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
         group_dim: int | None = None,
+        bn_momentum: float = 0.1,
         key: str = "points",
         info: dict[str, Any] | None = None,
     ) -> None:
@@ -87,7 +95,9 @@ class PointBERTEncoder(nn.Module):
         self.input_keys = (key,)
         self.out_dim = dim
         group_dim = group_dim or dim
-        self.group_encoder = MiniPointNet(in_channels, group_dim)
+        if not 0 < bn_momentum <= 1:
+            raise ValueError(f"pointbert: bn_momentum must be in (0, 1], got {bn_momentum}")
+        self.group_encoder = MiniPointNet(in_channels, group_dim, bn_momentum)
         self.reduce = nn.Linear(group_dim, dim) if group_dim != dim else nn.Identity()
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.cls_pos = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
