@@ -1,0 +1,180 @@
+"""SYSU-MM01 visible-infrared person re-identification (AllSpark Section III-C "Infrared", IV-B).
+
+On-disk layout (the official release)::
+
+    <root>/cam1/<id>/<n>.jpg ... <root>/cam6/<id>/<n>.jpg   visible: cam1, cam2, cam4, cam5; near-infrared: cam3,
+                                                           cam6; ``<id>`` is a 4-digit identity folder
+    <root>/exp/train_id.txt, val_id.txt, test_id.txt       comma-separated identity numbers
+
+Splits: ``train`` = the images of ``train_id`` (``include_val_ids: true`` adds ``val_id``, the usual
+training recipe), ``val`` = the images of ``val_id`` (for model selection with the same retrieval
+protocol), ``test`` = the images of ``test_id``. A camera folder without a given identity is normal (not
+every person passed every camera); an identity of a split list with no image at all is an error.
+
+Items: ``image`` float32 [3, H, W] (infrared JPEGs are decoded as RGB, as the reference code does; resized
+to ``image_size`` = (H, W), normalised with ImageNet statistics), ``modality`` (0 visible, 1 infrared),
+``label`` (training identities numbered 0..K-1 in the ``train`` split, -1 elsewhere), ``pid`` (the
+identity number), ``cam`` (1..6), ``index``. Training images get a random horizontal flip.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from allspark.data.base import DatasetFormatError, ModalityDataset
+from allspark.data.image_folder import IMAGE_EXTENSIONS, read_image, resize_uint8
+from allspark.registry import DATASETS
+
+__all__ = ["SYSUMM01", "VISIBLE_CAMS", "INFRARED_CAMS"]
+
+VISIBLE_CAMS = (1, 2, 4, 5)
+INFRARED_CAMS = (3, 6)
+SPLIT_FILES = {"train": "train_id.txt", "val": "val_id.txt", "test": "test_id.txt"}
+LAYOUT = ("expected layout: <root>/cam1..cam6/<4-digit id>/<image>.jpg (cam3 and cam6 infrared) and "
+          "<root>/exp/{train_id,val_id,test_id}.txt with comma-separated identity numbers")
+MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+
+def read_id_list(path: Path) -> list[int]:
+    if not path.is_file():
+        raise DatasetFormatError(f"SYSU-MM01: split file {path} is missing; {LAYOUT}")
+    text = path.read_text().replace("\n", ",")
+    try:
+        ids = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise DatasetFormatError(f"SYSU-MM01: {path} must hold comma-separated identity numbers") from None
+    if not ids:
+        raise DatasetFormatError(f"SYSU-MM01: {path} lists no identity")
+    return ids
+
+
+@DATASETS.register("sysu_mm01")
+class SYSUMM01(ModalityDataset):
+    splits: ClassVar[tuple[str, ...]] = ("train", "val", "test")
+    demo_version: ClassVar[int] = 1
+
+    def __init__(self, root, split: str, *, image_size: tuple[int, int] | list[int] = (288, 144),
+                 include_val_ids: bool = False, flip: bool = True) -> None:
+        super().__init__(root, split)
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        missing = [f"cam{c}" for c in range(1, 7) if not (self.root / f"cam{c}").is_dir()]
+        if missing:
+            raise DatasetFormatError(f"SYSU-MM01: camera folder(s) {missing} missing under {str(self.root)!r}; "
+                                     f"{LAYOUT}")
+        ids = read_id_list(self.root / "exp" / SPLIT_FILES[split])
+        if split == "train" and include_val_ids:
+            ids = ids + read_id_list(self.root / "exp" / SPLIT_FILES["val"])
+        ids = sorted(set(ids))
+        samples: list[tuple[Path, int, int]] = []
+        for pid in ids:
+            found = 0
+            for cam in range(1, 7):
+                folder = self.root / f"cam{cam}" / f"{pid:04d}"
+                if folder.is_dir():
+                    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+                    samples += [(p, pid, cam) for p in files]
+                    found += len(files)
+            if not found:
+                raise DatasetFormatError(f"SYSU-MM01: identity {pid} of {SPLIT_FILES[split]} has no image in any "
+                                         f"camera folder; {LAYOUT}")
+        self.samples = samples
+        self.train_ids = ids if split == "train" else None
+        self._label = {pid: i for i, pid in enumerate(ids)} if split == "train" else {}
+        self.flip = flip and split == "train"
+        self.num_ids = len(ids)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        path, pid, cam = self.samples[i]
+        img = resize_uint8(read_image(path, "RGB"), self.image_size).astype(np.float32) / 255.0
+        img = (img - MEAN) / STD
+        x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
+        if self.flip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return {"image": x, "modality": torch.tensor(int(cam in INFRARED_CAMS)),
+                "label": torch.tensor(self._label.get(pid, -1)), "pid": torch.tensor(pid),
+                "cam": torch.tensor(cam), "index": torch.tensor(i)}
+
+    def info(self) -> dict[str, Any]:
+        return {"num_classes": self.num_ids, "image_size": list(self.image_size), "channels": 3}
+
+    # -- demo ----------------------------------------------------------------------------------------------
+    @classmethod
+    def write_demo(cls, root, seed: int = 0, *, ids: int = 48, per_cam: int = 2, height: int = 64,
+                   width: int = 32) -> None:
+        """People as vertical stacks of clothing bands: every identity has its own band layout (head, torso,
+        legs heights), a texture (solid, horizontal or vertical stripes) per band and band colours. Visible
+        cameras see the colours; infrared cameras see one channel whose brightness is a fixed nonlinear
+        function of the colour (so colour is only partly recoverable) under a per-camera gain. Each image
+        jitters position, scale and lighting and adds noise. The first two thirds of the identities train, the
+        next sixth is val, the last sixth test (48 identities: 32 / 8 / 8)."""
+        root = Path(root)
+        rng = np.random.default_rng(seed)
+        people = []
+        for _ in range(ids):
+            cuts = np.sort(rng.uniform(0.15, 0.85, 2))
+            people.append({"cuts": np.concatenate([[0.0], cuts, [1.0]]), "colours": rng.uniform(0, 1, (3, 3)),
+                           "texture": rng.integers(0, 3, 3), "period": rng.uniform(3, 7, 3)})
+        ir_weights = np.array([0.2, 0.5, 0.3])
+        for cam in range(1, 7):
+            infrared = cam in INFRARED_CAMS
+            gain = rng.uniform(0.8, 1.2)
+            for pid in range(1, ids + 1):
+                folder = root / f"cam{cam}" / f"{pid:04d}"
+                folder.mkdir(parents=True, exist_ok=True)
+                for n in range(per_cam):
+                    img = _render_person(rng, people[pid - 1], height, width)
+                    if infrared:
+                        level = np.clip(np.sqrt(img @ ir_weights) * gain, 0, 1)
+                        img = np.repeat(level[..., None], 3, axis=2)
+                    img = np.clip(img + rng.normal(0, 0.03, img.shape), 0, 1)
+                    _atomic_jpeg(folder / f"{n + 1:04d}.jpg", (img * 255).astype(np.uint8))
+        (root / "exp").mkdir(parents=True, exist_ok=True)
+        n_train, n_val = (2 * ids) // 3, ids // 6
+        splits = {"train_id.txt": range(1, n_train + 1), "val_id.txt": range(n_train + 1, n_train + n_val + 1),
+                  "test_id.txt": range(n_train + n_val + 1, ids + 1)}
+        for name, r in splits.items():
+            (root / "exp" / name).write_text(",".join(str(i) for i in r) + "\n")
+
+
+def _render_person(rng: np.random.Generator, person: dict, height: int, width: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
+    top, bottom = rng.uniform(0.02, 0.08) * height, rng.uniform(0.92, 0.98) * height
+    cx, half = width / 2 + rng.uniform(-2, 2), width * rng.uniform(0.3, 0.4)
+    img = np.tile(rng.uniform(0.3, 0.6, 3), (height, width, 1))  # background
+    rel = (yy - top) / (bottom - top)
+    light = rng.uniform(0.8, 1.1)
+    for b in range(3):
+        inside = (rel >= person["cuts"][b]) & (rel < person["cuts"][b + 1]) & (np.abs(xx - cx) < half)
+        colour = person["colours"][b] * light
+        tex = person["texture"][b]
+        if tex == 1:
+            stripe = (np.floor(yy / person["period"][b]) % 2)[..., None]
+        elif tex == 2:
+            stripe = (np.floor(xx / person["period"][b]) % 2)[..., None]
+        else:
+            stripe = np.zeros((height, width, 1))
+        value = colour * (1 - 0.5 * stripe)
+        img = np.where(inside[..., None], value, img)
+    return img
+
+
+def _atomic_jpeg(path: Path, array: np.ndarray) -> None:
+    from PIL import Image
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        Image.fromarray(array).save(tmp, format="JPEG", quality=95)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

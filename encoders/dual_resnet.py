@@ -1,0 +1,90 @@
+"""Visible-infrared encoder (AllSpark Section III-C "Infrared"): two independently parameterised ResNets.
+
+The paper modifies DDAG by dropping its shared ResNet-50 layers and using two separate ResNet-50 networks,
+``f(m) = Enc_ResNet(I_r) (+) Enc_ResNet(I_i)``. Each image of a batch goes through the stream of its own
+modality (``batch["modality"]``: 0 visible, 1 infrared); the cells of the final feature map become tokens
+``[B, h*w, C]`` plus a learned embedding of the modality, so the bridge sees which stream produced them.
+When a sample carries both a visible and an infrared image (``image`` and ``image_ir`` keys), the two
+token sets are concatenated, which is the paper's formula; the re-identification data path feeds one image
+per sample, so each sample uses one stream.
+
+Backbones are timm ResNets (``arch``, ``resnet50`` by default) without their pooling and classifier,
+randomly initialised offline; ``weights`` may name a local state-dict file (``.safetensors`` or ``.pth``)
+loaded into both streams before they train apart.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from allspark.registry import ENCODERS
+from allspark.types import Tokens, check_tensor
+
+__all__ = ["DualResNetEncoder"]
+
+
+def _resnet(arch: str, weights: str | None) -> nn.Module:
+    import timm
+
+    net = timm.create_model(arch, pretrained=False, num_classes=0, global_pool="")
+    if weights:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"dual_resnet: weights file {path} does not exist")
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        missing, _ = net.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")}, strict=False)
+        if missing:
+            raise ValueError(f"dual_resnet: {path} lacks {len(missing)} tensors of {arch}, e.g. {missing[:3]}")
+    return net
+
+
+@ENCODERS.register("dual_resnet")
+class DualResNetEncoder(nn.Module):
+    def __init__(self, arch: str = "resnet50", weights: str | None = None, image_size: tuple[int, int] | list[int]
+                 = (288, 144), key: str = "image", info: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        if info and "image_size" in info and tuple(info["image_size"]) != self.image_size:
+            raise ValueError(f"dual_resnet: the config says image_size={list(self.image_size)} but the dataset "
+                             f"gives {info['image_size']}")
+        self.visible = _resnet(arch, weights)
+        self.infrared = _resnet(arch, weights)
+        self.out_dim = int(self.visible.num_features)
+        self.modality_embed = nn.Parameter(torch.zeros(2, self.out_dim))
+        nn.init.normal_(self.modality_embed, std=0.02)
+        self.key = key
+        self.input_keys = (key, "modality")
+
+    def _stream(self, images: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+        """Each image through its own modality's ResNet -> tokens [B, h*w, C]."""
+        out = None
+        for m, net in ((0, self.visible), (1, self.infrared)):
+            sel = modality == m
+            if not sel.any():
+                continue
+            feats = net(images[sel]).flatten(2).transpose(1, 2) + self.modality_embed[m]
+            if out is None:
+                out = feats.new_zeros(images.shape[0], *feats.shape[1:])
+            out[sel] = feats
+        return out
+
+    def forward(self, batch: dict[str, Any]) -> Tokens:
+        images = check_tensor(batch, self.key, shape=("B", 3, *self.image_size))
+        modality = batch.get("modality")
+        if not isinstance(modality, torch.Tensor) or modality.shape != images.shape[:1]:
+            raise ValueError(f"dual_resnet: batch['modality'] must be a [B] tensor of 0 (visible) / 1 (infrared) "
+                             f"for the {images.shape[0]} images")
+        if not ((modality == 0) | (modality == 1)).all():
+            raise ValueError(f"dual_resnet: batch['modality'] must hold 0 or 1, got {modality.unique().tolist()}")
+        tokens = self._stream(images.float(), modality)
+        if "image_ir" in batch:  # a visible and an infrared image per sample: concatenate both streams' tokens
+            ir = check_tensor(batch, "image_ir", shape=("B", 3, *self.image_size))
+            tokens = torch.cat([tokens, self._stream(ir.float(), torch.ones_like(modality))], dim=1)
+        return Tokens.dense(tokens)

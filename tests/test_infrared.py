@@ -1,0 +1,128 @@
+"""Infrared (SYSU-MM01): reader on the official layout and its errors, the all-search gallery sampling and
+same-place exclusion, the two-stream encoder's routing, the re-id head, and a tiny end-to-end run."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from allspark.data import DatasetFormatError
+from allspark.data.sysu_mm01 import SYSUMM01
+from allspark.evaluation.reid import SYSUAllSearch, sample_gallery
+from encoders.dual_resnet import DualResNetEncoder
+from heads.reid import ReIDHead
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sysu")
+    SYSUMM01.write_demo(root, ids=20, per_cam=2, height=32, width=16)
+    return root
+
+
+def test_reader_reads_the_official_layout(demo):
+    train = SYSUMM01(demo, "train", image_size=(32, 16))
+    test = SYSUMM01(demo, "test", image_size=(32, 16))
+    assert len(train) == 13 * 6 * 2 and len(test) == 4 * 6 * 2  # 20 ids: 1-13 train, 14-16 val, 17-20 test
+    item = train[0]
+    assert item["image"].shape == (3, 32, 16) and item["image"].dtype == torch.float32
+    assert train.info()["num_classes"] == 13 and int(item["label"]) == 0 and int(item["pid"]) == 1
+    cams = {int(test[i]["cam"]): int(test[i]["modality"]) for i in range(len(test))}
+    assert cams == {1: 0, 2: 0, 3: 1, 4: 0, 5: 0, 6: 1}
+    assert all(int(test[i]["label"]) == -1 for i in range(3))  # no identity labels outside training
+    both = SYSUMM01(demo, "train", image_size=(32, 16), include_val_ids=True)
+    assert both.info()["num_classes"] == 16
+
+
+def test_reader_errors(demo, tmp_path):
+    bad = tmp_path / "sysu"
+    shutil.copytree(demo, bad)
+    (bad / "exp" / "val_id.txt").unlink()
+    with pytest.raises(DatasetFormatError, match="val_id.txt is missing"):
+        SYSUMM01(bad, "val")
+    shutil.rmtree(bad / "cam4")
+    with pytest.raises(DatasetFormatError, match=r"camera folder\(s\) \['cam4'\] missing"):
+        SYSUMM01(bad, "train")
+    shutil.copytree(demo / "cam4", bad / "cam4")
+    (bad / "exp" / "test_id.txt").write_text("17,99\n")
+    with pytest.raises(DatasetFormatError, match="identity 99 .* has no image"):
+        SYSUMM01(bad, "test")
+    (bad / "exp" / "test_id.txt").write_text("17,x\n")
+    with pytest.raises(DatasetFormatError, match="comma-separated"):
+        SYSUMM01(bad, "test")
+    (bad / "exp" / "test_id.txt").write_text("17\n")
+    sorted((bad / "cam1" / "0017").iterdir())[0].write_bytes(b"not a jpeg")
+    ds = SYSUMM01(bad, "test", image_size=(32, 16))
+    with pytest.raises(DatasetFormatError, match="cannot decode image"):
+        ds[0]
+
+
+def test_gallery_is_one_seeded_visible_image_per_identity_and_camera():
+    pids = np.array([1, 1, 1, 1, 1, 2, 2, 2, 2])
+    cams = np.array([1, 1, 2, 3, 6, 4, 4, 4, 3])
+    g0 = sample_gallery(pids, cams, 0)
+    assert sorted((pids[i], cams[i]) for i in g0) == [(1, 1), (1, 2), (2, 4)]
+    assert np.array_equal(g0, sample_gallery(pids, cams, 0))
+    draws = {tuple(sample_gallery(pids, cams, s)) for s in range(20)}
+    assert len(draws) > 1  # the random choice changes with the trial seed
+
+
+def test_all_search_excludes_cam2_matches_for_cam3_queries():
+    # identity 1: query from cam3; its only visible images are from cam2 (same place) and cam1.
+    emb = np.eye(4, dtype=np.float32)
+    emb[1] = emb[0]            # cam2 image of id 1 identical to the query
+    emb[2] = np.array([0.6, 0.8, 0, 0], dtype=np.float32)  # cam1 image of id 1, similar
+    emb[3] = np.array([0.8, 0.6, 0, 0], dtype=np.float32)  # cam1 image of id 2, more similar than emb[2]
+    gathered = {"embedding": emb, "pid": np.array([1, 1, 1, 2]), "cam": np.array([3, 2, 1, 1]),
+                "index": np.arange(4)}
+    m = SYSUAllSearch({}, trials=1, ranks=(1, 2)).compute(gathered)
+    # cam2 match removed -> the id-2 image ranks first, the cam1 image of id 1 second
+    assert m["rank1"] == 0.0 and m["rank2"] == 1.0 and m["mAP"] == pytest.approx(0.5)
+
+
+def test_dual_resnet_routes_each_image_through_its_stream():
+    torch.manual_seed(0)
+    enc = DualResNetEncoder(arch="resnet18", image_size=(64, 32)).eval()
+    x = torch.randn(3, 3, 64, 32)
+    mod = torch.tensor([0, 1, 0])
+    with torch.no_grad():
+        tok = enc({"image": x, "modality": mod})
+        vis = enc.visible(x[[0]]).flatten(2).transpose(1, 2) + enc.modality_embed[0]
+        ir = enc.infrared(x[[1]]).flatten(2).transpose(1, 2) + enc.modality_embed[1]
+    assert tok.tokens.shape == (3, 2, 512) and enc.out_dim == 512
+    assert torch.allclose(tok.tokens[0], vis[0], atol=1e-5) and torch.allclose(tok.tokens[1], ir[0], atol=1e-5)
+    both = enc({"image": x, "image_ir": x, "modality": mod})
+    assert both.tokens.shape == (3, 4, 512)  # visible and infrared tokens concatenated (paper)
+    with pytest.raises(ValueError, match="modality"):
+        enc({"image": x, "modality": torch.tensor([0, 2, 1])})
+    with pytest.raises(ValueError, match="image"):
+        enc({"image": torch.randn(3, 1, 64, 32), "modality": mod})
+
+
+def test_reid_head_embeddings_and_loss():
+    head = ReIDHead(8, info={"num_classes": 4})
+    from allspark.types import LLMOutput
+
+    out = LLMOutput(torch.randn(3, 5, 8), torch.ones(3, 5, dtype=torch.bool), torch.full((3,), 4), 0)
+    res = head(out, {"label": torch.tensor([0, 3, -1])})
+    assert res.predictions["embedding"].norm(dim=1).allclose(torch.ones(3))
+    assert res.predictions["logits"].shape == (3, 4) and res.loss.ndim == 0
+    assert head.eval()(out, {"label": torch.tensor([0, 3, 1])}).loss is None
+    with pytest.raises(ValueError, match="training identities"):
+        ReIDHead(8, num_classes=5, info={"num_classes": 4})
+
+
+def test_tiny_training_run_reports_all_search_metrics(tmp_path):
+    from allspark.config import load_config
+    from allspark.training import train
+
+    cfg = load_config("infrared", overrides=["model.llm.name=tiny", "model.llm.dtype=float32", "train.epochs=1",
+                                             "train.max_steps=3", "model.encoders.0.args.arch=resnet10t"])
+    metrics = train(cfg, tmp_path / "run")
+    for key in ("rank1", "rank10", "rank20", "mAP", "rank1_std"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert metrics["trials"] == 10 and metrics["num_identities"] == 8  # demo: 48 ids, the last 8 test
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["rank20"] == metrics["rank20"]
