@@ -124,5 +124,5 @@ def test_tiny_training_run_reports_all_search_metrics(tmp_path):
     metrics = train(cfg, tmp_path / "run")
     for key in ("rank1", "rank10", "rank20", "mAP", "rank1_std"):
         assert 0.0 <= metrics[key] <= 1.0
-    assert metrics["trials"] == 10 and metrics["num_identities"] == 8  # demo: 48 ids, the last 8 test
+    assert metrics["trials"] == 10 and metrics["num_identities"] == 16  # demo: 96 ids, the last 16 test
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["rank20"] == metrics["rank20"]
