@@ -29,16 +29,7 @@ from allspark.config import load_config  # noqa: E402
 from allspark.data import build_dataset  # noqa: E402
 from allspark.metrics.retrieval import label_ranking_metrics, rank_topk, recall_at_k  # noqa: E402
 from allspark.model import AllSpark  # noqa: E402
-
-
-def best_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+from benchmarks.throughput import best_time  # noqa: E402
 
 
 def bench_embedding(args) -> dict:

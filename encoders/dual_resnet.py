@@ -31,14 +31,10 @@ def _resnet(arch: str, weights: str | None) -> nn.Module:
 
     net = timm.create_model(arch, pretrained=False, num_classes=0, global_pool="")
     if weights:
+        from encoders.image_backbone import read_state_dict
+
         path = Path(weights).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"dual_resnet: weights file {path} does not exist")
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_state_dict(path, "dual_resnet:")
         missing, _ = net.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")}, strict=False)
         if missing:
             raise ValueError(f"dual_resnet: {path} lacks {len(missing)} tensors of {arch}, e.g. {missing[:3]}")

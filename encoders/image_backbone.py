@@ -59,9 +59,11 @@ def load_lukemelas_efficientnet(model: nn.Module, state: dict[str, torch.Tensor]
     model.load_state_dict(mapped, strict=True)
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path, what: str = "backbone") -> dict[str, torch.Tensor]:
+    """A local weight file (``.safetensors``, or a torch file read with ``weights_only=True``) as a state dict;
+    common checkpoint wrappers (``state_dict``, ``model``, ``module``) are unwrapped."""
     if not path.is_file():
-        raise FileNotFoundError(f"backbone weight file {path} does not exist")
+        raise FileNotFoundError(f"{what} weight file {path} does not exist")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -99,7 +101,7 @@ class FrozenImageBackbone(nn.Module):
             self.backbone.load_state_dict({k: v for k, v in full.state_dict().items()
                                            if not k.startswith("classifier.")}, strict=True)
         elif weights not in ("timm", "none", None):
-            state = _read_state_dict(Path(weights).expanduser())
+            state = read_state_dict(Path(weights).expanduser())
             head = {k for k in state if k.startswith(("head.", "fc.", "classifier."))}
             result = self.backbone.load_state_dict({k: v for k, v in state.items() if k not in head}, strict=False)
             if result.missing_keys:

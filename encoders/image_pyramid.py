@@ -65,7 +65,7 @@ class ImagePyramid(nn.Module):
         if self.frozen:
             import timm
 
-            from encoders.image_backbone import (WHEEL_WEIGHTS, _read_state_dict, efficientnet_lite0_wheel_file,
+            from encoders.image_backbone import (WHEEL_WEIGHTS, read_state_dict, efficientnet_lite0_wheel_file,
                                                  load_lukemelas_efficientnet)
 
             self.backbone = timm.create_model(model_name, features_only=True, in_chans=in_chans,
@@ -78,11 +78,11 @@ class ImagePyramid(nn.Module):
                 if model_name != "efficientnet_lite0":
                     raise ValueError(f"weights={WHEEL_WEIGHTS!r} holds EfficientNet-Lite0; model_name is {model_name!r}")
                 full = timm.create_model(model_name, pretrained=False)
-                load_lukemelas_efficientnet(full, torch.load(efficientnet_lite0_wheel_file(), map_location="cpu",
-                                                             weights_only=True))
+                wheel_state = torch.load(efficientnet_lite0_wheel_file(), map_location="cpu", weights_only=True)
+                load_lukemelas_efficientnet(full, wheel_state)
                 state = full.state_dict()
             elif weights not in ("timm", "none", None):
-                state = _read_state_dict(Path(weights).expanduser())
+                state = read_state_dict(Path(weights).expanduser())
             else:
                 state = None
             if state is not None:

@@ -55,14 +55,9 @@ class MultispectralViT(nn.Module):
         from timm.layers import resample_abs_pos_embed
         from timm.models import adapt_input_conv
 
-        if not path.is_file():
-            raise FileNotFoundError(f"multispectral_vit: pretrained weight file {path} does not exist")
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+        from encoders.image_backbone import read_state_dict
 
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_state_dict(path, "multispectral_vit: pretrained")
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
         key = "patch_embed.proj.weight"
         if key in state and state[key].shape[1] != in_chans:

@@ -31,3 +31,19 @@ def run(args: list[str], *, env: dict | None = None, timeout: int = 600, cwd: Pa
     full_env.update(env or {})
     return subprocess.run([sys.executable, *args] if args[0].endswith(".py") or args[0] == "-m" else args,
                           cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def fit_one_batch(model, batch: dict, steps: int, lr: float = 1e-2) -> list[float]:
+    """Train ``model``'s trainable parameters on one batch with AdamW; the loss of every step."""
+    import torch
+
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses

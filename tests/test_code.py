@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from allspark.config import load_config
+from tests.helpers import fit_one_batch
 from allspark.data.base import DatasetFormatError
 from allspark.data.codesearchnet import CodeSearchNet, docstring_summary, stdlib_functions, strip_python_docstring
 from allspark.language import adapters_off, greedy_generate, score_continuations
@@ -220,14 +221,6 @@ def test_training_steps_reduce_the_docstring_loss(csn):
     ds = CodeSearchNet(csn, "train")
     m = AllSpark(cfg, ds.info())
     batch = ds.collate([ds[i] for i in range(4)])
-    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
-    m.train()
-    losses = []
-    for _ in range(20):
-        loss = m(batch).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit_one_batch(m, batch, steps=20)
     # bounded by the tiny random LLM's small logits (see tests/test_text.py); it must still fall clearly
     assert losses[-1] < losses[0] - 0.3

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from allspark.config import load_config
+from tests.helpers import fit_one_batch
 from allspark.data.base import DatasetFormatError
 from allspark.data.imdb import IMDB
 from allspark.language import TextLLMOutput, score_continuations
@@ -155,15 +156,7 @@ def test_training_steps_learn_the_labels(corpus):
     m = AllSpark(cfg, ds.info())
     batch = ds.collate([ds[i] for i in (0, 1, 10, 11)])
     batch["prompt_index"] = torch.zeros(4, dtype=torch.long)
-    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
-    m.train()
-    losses = []
-    for _ in range(25):
-        loss = m(batch).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit_one_batch(m, batch, steps=25)
     # the tiny random LLM's tied embeddings (std 0.02) bound its logits to about +-1.3, so its loss cannot
     # fall far below log(vocab) = 10.8; it must still fall, and the label words must be told apart
     assert losses[-1] < losses[0] - 0.3
