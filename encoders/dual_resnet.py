@@ -26,10 +26,10 @@ from allspark.types import Tokens, check_tensor
 __all__ = ["DualResNetEncoder"]
 
 
-def _resnet(arch: str, weights: str | None) -> nn.Module:
+def _resnet(arch: str, weights: str | None, output_stride: int) -> nn.Module:
     import timm
 
-    net = timm.create_model(arch, pretrained=False, num_classes=0, global_pool="")
+    net = timm.create_model(arch, pretrained=False, num_classes=0, global_pool="", output_stride=output_stride)
     if weights:
         from encoders.image_backbone import read_state_dict
 
@@ -44,14 +44,17 @@ def _resnet(arch: str, weights: str | None) -> nn.Module:
 @ENCODERS.register("dual_resnet")
 class DualResNetEncoder(nn.Module):
     def __init__(self, arch: str = "resnet50", weights: str | None = None, image_size: tuple[int, int] | list[int]
-                 = (288, 144), key: str = "image", info: dict[str, Any] | None = None) -> None:
+                 = (288, 144), output_stride: int = 16, key: str = "image",
+                 info: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.image_size = (int(image_size[0]), int(image_size[1]))
         if info and "image_size" in info and tuple(info["image_size"]) != self.image_size:
             raise ValueError(f"dual_resnet: the config says image_size={list(self.image_size)} but the dataset "
                              f"gives {info['image_size']}")
-        self.visible = _resnet(arch, weights)
-        self.infrared = _resnet(arch, weights)
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f"dual_resnet: output_stride must be 8, 16 or 32, got {output_stride}")
+        self.visible = _resnet(arch, weights, output_stride)
+        self.infrared = _resnet(arch, weights, output_stride)
         self.out_dim = int(self.visible.num_features)
         self.modality_embed = nn.Parameter(torch.zeros(2, self.out_dim))
         nn.init.normal_(self.modality_embed, std=0.02)

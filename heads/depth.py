@@ -11,10 +11,13 @@ A coarse-to-fine plane-sweep stereo network in the style of CasMVSNet / Ada-MVS,
    reference view at every hypothesis with the differentiable homography of the two projection matrices
    (``x_src ~ P_src P_ref^-1 [u d, v d, d, 1]``, then ``grid_sample``).
 3. **Cost volume.** Group-wise correlation of the reference features with each warped source
-   ([B, G, D, h, w] per source). Occlusion and views that do not overlap are handled as Ada-MVS does, by
-   adaptive aggregation: a small 3-D convolution predicts a per-pixel, per-hypothesis weight for each
-   source from its own correlation volume, and the sources are averaged with those weights (and with
-   zero weight where the warped point falls outside the source image or behind its camera).
+   ([B, G, D, h, w] per source) plus, with ``photometric`` (default), one channel of minus the mean absolute
+   difference of the standardised colours (the source image is warped with its features; the classical
+   plane-sweep cue, which gives the network a usable cost from the first step while its features learn).
+   Occlusion and views that do not overlap are handled as Ada-MVS does, by adaptive aggregation: a small
+   3-D convolution predicts a per-pixel, per-hypothesis weight for each source from its own cost volume,
+   and the sources are averaged with those weights (and with zero weight where the warped point falls
+   outside the source image or behind its camera).
 4. **LLM conditioning.** The LLM output (pooled hidden state of the last prompt token, LayerNorm) is mapped
    to a FiLM scale and shift of the aggregated cost volume's channels in each stage (initialised to
    the identity), so the language model's reading of the five views modulates the matching costs.
@@ -22,9 +25,10 @@ A coarse-to-fine plane-sweep stereo network in the style of CasMVSNet / Ada-MVS,
    softmax over the hypotheses gives a probability volume and the depth is its expectation (soft-argmin).
    The confidence is the probability mass of the four hypotheses around the expectation (as MVSNet).
 
-Loss: smooth-L1 (metres) between each stage's depth and the ground truth at that stage's resolution, over
-valid pixels (truth > 0), weighted per stage (``stage_weights``). Predictions: ``pred`` (depth) [B, H, W] (full
-resolution) and ``confidence`` [B, H, W].
+Loss, per stage and weighted by ``stage_weights``: smooth-L1 (metres) between the stage's depth and the
+ground truth at the stage's resolution over valid pixels (truth > 0), plus ``plane_loss`` x cross-entropy of
+the hypothesis scores against the hypothesis nearest the truth. Predictions: ``pred`` (depth) [B, H, W] at
+full resolution and ``confidence`` [B, H, W].
 """
 from __future__ import annotations
 
@@ -136,7 +140,8 @@ class MultiViewDepthHead(nn.Module):
     def __init__(self, hidden_size: int, *, stages: Sequence[Sequence[int]] = ((48, 4), (16, 2), (8, 1)),
                  interval_ratio: Sequence[float] = (0.25, 0.5), feature_channels: int = 8, groups: int = 8,
                  reg_channels: int = 8, reg_layers: int = 3, stage_weights: Sequence[float] = (0.5, 1.0, 2.0),
-                 pooling: str = "last", condition: bool = True, info: dict[str, Any] | None = None) -> None:
+                 plane_loss: float = 1.0, photometric: bool = True, pooling: str = "last", condition: bool = True,
+                 info: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.stages = [(int(p), int(s)) for p, s in stages]
         if not self.stages or any(s not in (1, 2, 4) for _, s in self.stages):
@@ -153,33 +158,44 @@ class MultiViewDepthHead(nn.Module):
                 raise ValueError(f"mvs_depth: {level_channels[s]} feature channels at stride {s} are not divisible "
                                  f"by groups={groups}")
         self.groups, self.pooling, self.condition = groups, pooling, condition
-        self.visibility = nn.ModuleList(nn.Sequential(_conv3d(groups, 4), nn.Conv3d(4, 1, 1)) for _ in self.stages)
-        self.regularizers = nn.ModuleList(CostRegularizer(groups, reg_channels, reg_layers) for _ in self.stages)
+        self.plane_loss = float(plane_loss)
+        self.photometric = bool(photometric)
+        cost_channels = groups + int(self.photometric)
+        self.visibility = nn.ModuleList(nn.Sequential(_conv3d(cost_channels, 4), nn.Conv3d(4, 1, 1))
+                                        for _ in self.stages)
+        self.regularizers = nn.ModuleList(CostRegularizer(cost_channels, reg_channels, reg_layers) for _ in self.stages)
         self.neck = nn.LayerNorm(hidden_size)
-        self.film = nn.Linear(hidden_size, 2 * groups * len(self.stages))
+        self.film = nn.Linear(hidden_size, 2 * cost_channels * len(self.stages))
         nn.init.zeros_(self.film.weight)
         nn.init.zeros_(self.film.bias)
         self.num_views = int(info["num_views"]) if info and "num_views" in info else None
 
     def _stage(self, i: int, ref: torch.Tensor, srcs: list[torch.Tensor], projs: torch.Tensor, stride: int,
-               hyps: torch.Tensor, film: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+               hyps: torch.Tensor, film: torch.Tensor, images: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         b, c, h, w = ref.shape
         g = self.groups
+        k = g + int(images is not None)
         scale = torch.tensor([1.0 / stride, 1.0 / stride, 1.0, 1.0], device=projs.device)
         projs = projs * scale[None, None, :, None]  # rows u and v of every projection matrix
         ref_g = ref.reshape(b, g, c // g, 1, h, w)
-        total = ref.new_zeros(b, g, hyps.shape[1], h, w)
+        total = ref.new_zeros(b, k, hyps.shape[1], h, w)
         weight_sum = ref.new_zeros(b, 1, hyps.shape[1], h, w)
         for v, src in enumerate(srcs, start=1):
+            if images is not None:  # warp the source image together with its features
+                src = torch.cat([src, images[:, v]], dim=1)
             warped, inside = homography_warp(src, projs[:, v], projs[:, 0], hyps)
-            corr = (warped.reshape(b, g, c // g, *warped.shape[2:]) * ref_g).mean(2)  # [B, G, D, h, w]
+            corr = (warped[:, :c].reshape(b, g, c // g, *warped.shape[2:]) * ref_g).mean(2)  # [B, G, D, h, w]
+            if images is not None:  # photometric cost: minus the mean absolute colour difference
+                sad = (warped[:, c:] - images[:, 0, :, None]).abs().mean(1, keepdim=True)
+                corr = torch.cat([corr, -sad], dim=1)
             weight = torch.sigmoid(self.visibility[i](corr)) * inside[:, None].to(corr.dtype)
             total = total + weight * corr
             weight_sum = weight_sum + weight
         cost = total / (weight_sum + 1e-5)
-        gamma, beta = film[:, :g], film[:, g:]
+        gamma, beta = film[:, :k], film[:, k:]
         cost = cost * (1 + gamma[:, :, None, None, None]) + beta[:, :, None, None, None]
-        prob = torch.softmax(self.regularizers[i](cost), dim=1)  # [B, D, h, w]
+        logits = self.regularizers[i](cost)  # [B, D, h, w]
+        prob = torch.softmax(logits, dim=1)
         depth = (prob * hyps).sum(1)
         # confidence: probability mass of the 4 hypotheses around the expectation (MVSNet): window[k] sums
         # prob[k-1 .. k+2]
@@ -187,7 +203,26 @@ class MultiViewDepthHead(nn.Module):
         index = (prob * torch.arange(d, device=prob.device, dtype=prob.dtype)[None, :, None, None]).sum(1)
         window = F.avg_pool3d(F.pad(prob[:, None], (0, 0, 0, 0, 1, 2)), (4, 1, 1), stride=1)[:, 0] * 4
         conf = window.gather(1, index.round().long().clamp(0, d - 1)[:, None])[:, 0]
-        return depth, conf
+        return depth, conf, logits
+
+    def _stage_loss(self, pred: torch.Tensor, logits: torch.Tensor, hyps: torch.Tensor,
+                    truth: torch.Tensor) -> torch.Tensor:
+        """Smooth-L1 of the soft-argmin depth (metres) plus, with ``plane_loss`` > 0, cross-entropy of the
+        hypothesis scores against the plane nearest the truth (where the truth lies inside the stage's
+        hypothesis band): the classification term gives every hypothesis a gradient from the start,
+        when the regressed expectation alone barely moves (as in UniMVSNet / TransMVSNet)."""
+        valid = truth > 0
+        if not valid.any():
+            return 0.0 * pred.sum()
+        loss = F.smooth_l1_loss(pred[valid], truth[valid])
+        if self.plane_loss > 0:
+            step = (hyps[:, 1:2] - hyps[:, 0:1]).clamp(min=1e-6)  # [B, 1, h, w]
+            index = ((truth[:, None] - hyps[:, 0:1]) / step).round()[:, 0]
+            inside = valid & (index >= 0) & (index <= hyps.shape[1] - 1)
+            if inside.any():
+                ce = F.cross_entropy(logits.permute(0, 2, 3, 1)[inside], index[inside].long())
+                loss = loss + self.plane_loss * ce
+        return loss
 
     def forward(self, llm_out: LLMOutput, batch: dict[str, Any]) -> Output:
         views = check_tensor(batch, "views", shape=("B", self.num_views, 3, None, None))
@@ -202,7 +237,7 @@ class MultiViewDepthHead(nn.Module):
             film = self.film(self.neck(llm_out.pool(self.pooling).float()))
         else:
             film = views.new_zeros(b, self.film.out_features)
-        film = film.reshape(b, len(self.stages), 2 * self.groups)
+        film = film.reshape(b, len(self.stages), -1)
 
         depth = conf = None
         interval = (depth_range[:, 1] - depth_range[:, 0]) / max(self.stages[0][0] - 1, 1)
@@ -216,8 +251,15 @@ class MultiViewDepthHead(nn.Module):
                 interval = interval * self.interval_ratio[i - 1]
                 center = F.interpolate(depth[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
                 hyps = depth_hypotheses(center.detach(), depth_range, planes, interval, (h, w))
-            depth, conf = self._stage(i, f[:, 0], [f[:, v] for v in range(1, n)], projs, stride, hyps, film[:, i])
-            per_stage.append(depth)
+            images = None
+            if self.photometric:  # the standardised views sampled at this stage's pixel centres (u = stride * i)
+                images = views.flatten(0, 1).float()
+                if stride > 1:
+                    images = F.avg_pool2d(images, 3, 1, 1, count_include_pad=False)[..., ::stride, ::stride]
+                images = images.unflatten(0, (b, n))
+            depth, conf, logits = self._stage(i, f[:, 0], [f[:, v] for v in range(1, n)], projs, stride, hyps,
+                                              film[:, i], images)
+            per_stage.append((depth, logits, hyps))
         if depth.shape[-2:] != (hh, ww):
             depth = F.interpolate(depth[:, None], size=(hh, ww), mode="bilinear", align_corners=False)[:, 0]
             conf = F.interpolate(conf[:, None], size=(hh, ww), mode="bilinear", align_corners=False)[:, 0]
@@ -227,12 +269,8 @@ class MultiViewDepthHead(nn.Module):
         if truth is not None:
             truth = check_tensor(batch, "depth", shape=(b, hh, ww)).float()
             loss = depth.new_zeros(())
-            for weight, pred in zip(self.stage_weights, per_stage):
+            for weight, (pred, logits, hyps) in zip(self.stage_weights, per_stage):
                 t = truth if pred.shape[-2:] == truth.shape[-2:] else F.interpolate(
                     truth[:, None], size=pred.shape[-2:], mode="nearest")[:, 0]
-                valid = t > 0
-                if valid.any():
-                    loss = loss + weight * F.smooth_l1_loss(pred[valid], t[valid])
-                else:
-                    loss = loss + 0.0 * pred.sum()
+                loss = loss + weight * self._stage_loss(pred, logits, hyps, t)
         return Output(loss, {"pred": depth, "confidence": conf})

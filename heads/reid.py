@@ -22,7 +22,8 @@ class ReIDHead(nn.Module):
     """
 
     def __init__(self, hidden_size: int, num_classes: int | None = None, pooling: str = "last",
-                 label_key: str = "label", info: dict[str, Any] | None = None) -> None:
+                 neck: str = "batchnorm", bn_momentum: float = 0.1, label_key: str = "label",
+                 info: dict[str, Any] | None = None) -> None:
         super().__init__()
         if info and "num_classes" in info:
             if num_classes is not None and num_classes != info["num_classes"]:
@@ -32,7 +33,13 @@ class ReIDHead(nn.Module):
         if not num_classes or num_classes < 2:
             raise ValueError(f"reid head: needs num_classes >= 2 training identities, got {num_classes}")
         self.pooling, self.label_key = pooling, label_key
-        self.neck = nn.LayerNorm(hidden_size)
+        if neck == "batchnorm":
+            self.neck = nn.BatchNorm1d(hidden_size, momentum=bn_momentum)
+            self.neck.bias.requires_grad_(False)  # BNNeck: no shift, as Luo et al.
+        elif neck == "layernorm":
+            self.neck = nn.LayerNorm(hidden_size)
+        else:
+            raise ValueError(f"reid head: neck must be 'batchnorm' or 'layernorm', got {neck!r}")
         self.classifier = nn.Linear(hidden_size, num_classes, bias=False)
 
     def forward(self, llm_out: LLMOutput, batch: dict[str, Any]) -> Output:
