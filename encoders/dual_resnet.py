@@ -10,7 +10,9 @@ per sample, so each sample uses one stream.
 
 Backbones are timm ResNets (``arch``, ``resnet50`` by default) without their pooling and classifier,
 randomly initialised offline; ``weights`` may name a local state-dict file (``.safetensors`` or ``.pth``)
-loaded into both streams before they train apart.
+loaded into both streams before they train apart. ``output_stride`` 16 (default) is the re-identification
+"last stride 1" of DDAG / AGW / Luo et al.'s bag of tricks (the last stage keeps the resolution, with
+dilation): a 288 x 144 image gives 18 x 9 tokens instead of 9 x 5; 32 is the plain ResNet.
 """
 from __future__ import annotations
 

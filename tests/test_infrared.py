@@ -85,7 +85,7 @@ def test_all_search_excludes_cam2_matches_for_cam3_queries():
 
 def test_dual_resnet_routes_each_image_through_its_stream():
     torch.manual_seed(0)
-    enc = DualResNetEncoder(arch="resnet18", image_size=(64, 32)).eval()
+    enc = DualResNetEncoder(arch="resnet18", image_size=(64, 32), output_stride=32).eval()
     x = torch.randn(3, 3, 64, 32)
     mod = torch.tensor([0, 1, 0])
     with torch.no_grad():
@@ -100,6 +100,12 @@ def test_dual_resnet_routes_each_image_through_its_stream():
         enc({"image": x, "modality": torch.tensor([0, 2, 1])})
     with pytest.raises(ValueError, match="image"):
         enc({"image": torch.randn(3, 1, 64, 32), "modality": mod})
+    # the re-id "last stride 1" (output stride 16, the default): a 4 x 2 map of tokens on 64 x 32 images
+    fine = DualResNetEncoder(arch="resnet18", image_size=(64, 32)).eval()
+    with torch.no_grad():
+        assert fine({"image": x, "modality": mod}).tokens.shape == (3, 8, 512)
+    with pytest.raises(ValueError, match="output_stride"):
+        DualResNetEncoder(arch="resnet18", image_size=(64, 32), output_stride=4)
 
 
 def test_reid_head_embeddings_and_loss():
