@@ -144,7 +144,9 @@ def train(
         logger.info("initialised from %s (%d tensors not in it keep their initial values)", start, len(fresh))
     evaluator = build_evaluator(cfg, info)
 
-    sampler = EpochSampler(len(train_set), seed=cfg.seed)
+    sampler = train_set.train_sampler(cfg.data.batch_size, cfg.seed)
+    if sampler is None:
+        sampler = EpochSampler(len(train_set), seed=cfg.seed)
     train_loader = build_loader(train_set, cfg.data.batch_size, num_workers=cfg.data.num_workers, sampler=sampler)
     val_loader = build_loader(val_set, cfg.data.eval_batch_size, num_workers=cfg.data.num_workers)
     test_loader = build_loader(test_set, cfg.data.eval_batch_size, num_workers=cfg.data.num_workers)

@@ -119,6 +119,10 @@ def test_reid_head_embeddings_and_loss():
     assert head.eval()(out, {"label": torch.tensor([0, 3, 1])}).loss is None
     with pytest.raises(ValueError, match="training identities"):
         ReIDHead(8, num_classes=5, info={"num_classes": 4})
+    with pytest.raises(ValueError, match="neck"):
+        ReIDHead(8, num_classes=4, neck="groupnorm")
+    one = LLMOutput(torch.randn(1, 5, 8), torch.ones(1, 5, dtype=torch.bool), torch.full((1,), 4), 0)
+    assert head.train()(one, {"label": torch.tensor([2])}).loss.ndim == 0  # a batch of one still trains
 
 
 def test_tiny_training_run_reports_all_search_metrics(tmp_path):
@@ -126,9 +130,50 @@ def test_tiny_training_run_reports_all_search_metrics(tmp_path):
     from allspark.training import train
 
     cfg = load_config("infrared", overrides=["model.llm.name=tiny", "model.llm.dtype=float32", "train.epochs=1",
-                                             "train.max_steps=3", "model.encoders.0.args.arch=resnet10t"])
+                                             "train.max_steps=3", "model.encoders.0.args.arch=resnet10t",
+                                             # identity batches (4 people x 2 visible + 2 infrared) and the
+                                             # cross-modal term go through the accelerate loop too
+                                             "data.args.images_per_identity=4",
+                                             "model.head.args.cross_modal_weight=0.5"])
     metrics = train(cfg, tmp_path / "run")
     for key in ("rank1", "rank10", "rank20", "mAP", "rank1_std"):
         assert 0.0 <= metrics[key] <= 1.0
     assert metrics["trials"] == 10 and metrics["num_identities"] == 16  # demo: 96 ids, the last 16 test
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["rank20"] == metrics["rank20"]
+
+
+def test_identity_sampler_batches_hold_cross_modal_positives():
+    from allspark.data.sysu_mm01 import IdentitySampler
+
+    pids = [1] * 4 + [2] * 4 + [3] * 3 + [4] * 2
+    mods = [0, 0, 1, 1, 0, 1, 1, 1, 0, 0, 1, 0, 0]  # id 4 has no infrared image: never drawn
+    sampler = IdentitySampler(pids, mods, batch_size=4, per_identity=2, seed=0)
+    order = list(sampler)
+    assert len(order) == len(sampler) == 12
+    for start in range(0, 12, 4):
+        batch = order[start:start + 4]
+        ids = [pids[i] for i in batch]
+        assert len(set(ids)) == 2 and 4 not in ids
+        for pid in set(ids):  # one visible and one infrared image of each identity in the batch
+            assert sorted(mods[i] for i in batch if pids[i] == pid) == [0, 1]
+    assert order == list(sampler)  # same epoch, same order
+    sampler.set_epoch(1)
+    assert order != list(sampler)
+    with pytest.raises(ValueError, match="multiple"):
+        IdentitySampler(pids, mods, batch_size=5, per_identity=2, seed=0)
+
+
+def test_cross_modal_infonce_by_hand():
+    import math
+
+    from heads.reid import cross_modal_infonce
+
+    emb = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [0.8, 0.6]])
+    # anchor 0 (visible, id 0): other-modality candidates 1 (same id, cos 0.6) and 3 (cos 0.8); the other
+    # three anchors are the same case by symmetry
+    expected = -math.log(math.exp(0.6) / (math.exp(0.6) + math.exp(0.8)))
+    loss = cross_modal_infonce(emb, torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 1]), 1.0)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    # no anchor with a positive of the other modality: zero, still differentiable
+    alone = cross_modal_infonce(emb.requires_grad_(), torch.tensor([0, 1, 2, 3]), torch.tensor([0, 1, 0, 1]), 1.0)
+    assert alone.item() == 0.0 and alone.requires_grad

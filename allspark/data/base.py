@@ -44,6 +44,12 @@ class ModalityDataset(Dataset):
     def write_demo(cls, root: str | Path, seed: int = 0) -> None:  # pragma: no cover - interface
         raise NotImplementedError(f"{cls.__name__} has no demo generator")
 
+    def train_sampler(self, batch_size: int, seed: int):
+        """A sampler for the training loader when the task needs structured batches (e.g. P identities x K
+        images for re-identification); ``None`` gives the default shuffled order. A returned sampler must
+        have ``set_epoch(epoch)`` and depend only on (seed, epoch), so a resumed run sees the same order."""
+        return None
+
     @staticmethod
     def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         from torch.utils.data import default_collate

@@ -41,6 +41,51 @@ MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 
+class IdentitySampler(torch.utils.data.Sampler):
+    """Indices in chunks of ``batch_size``: ``batch_size // per_identity`` identities per chunk (shuffled, each
+    identity once per pass while enough remain), each with ``per_identity / 2`` visible and as many infrared
+    images (drawn without replacement while the identity has enough, else with replacement). One epoch
+    yields about ``len(dataset)`` indices (whole chunks); the order depends only on (seed, epoch)."""
+
+    def __init__(self, pids: list[int], modality: list[int], batch_size: int, per_identity: int, seed: int) -> None:
+        if batch_size % per_identity:
+            raise ValueError(f"identity sampler: batch_size {batch_size} is not a multiple of images_per_identity "
+                             f"{per_identity}")
+        self.groups: list[tuple[np.ndarray, np.ndarray]] = []
+        pid_arr, mod_arr = np.asarray(pids), np.asarray(modality)
+        for pid in sorted(set(pids)):
+            vis = np.flatnonzero((pid_arr == pid) & (mod_arr == 0))
+            ir = np.flatnonzero((pid_arr == pid) & (mod_arr == 1))
+            if len(vis) and len(ir):  # identities seen by one modality only cannot form cross-modal pairs
+                self.groups.append((vis, ir))
+        self.ids_per_batch = batch_size // per_identity
+        if len(self.groups) < self.ids_per_batch:
+            raise ValueError(f"identity sampler: {len(self.groups)} identities have both visible and infrared "
+                             f"images; a batch needs {self.ids_per_batch}")
+        self.half = per_identity // 2
+        self.batch_size, self.seed, self.epoch = batch_size, seed, 0
+        self.length = max(1, len(pids) // batch_size) * batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        out: list[int] = []
+        order: list[int] = []
+        while len(out) < self.length:
+            if len(order) < self.ids_per_batch:
+                order += rng.permutation(len(self.groups)).tolist()
+            chosen, order = order[:self.ids_per_batch], order[self.ids_per_batch:]
+            for g in chosen:
+                for pool in self.groups[g]:
+                    out += rng.choice(pool, self.half, replace=len(pool) < self.half).tolist()
+        return iter(out[:self.length])
+
+
 def read_id_list(path: Path) -> list[int]:
     if not path.is_file():
         raise DatasetFormatError(f"SYSU-MM01: split file {path} is missing; {LAYOUT}")
@@ -60,8 +105,12 @@ class SYSUMM01(ModalityDataset):
     demo_version: ClassVar[int] = 2
 
     def __init__(self, root, split: str, *, image_size: tuple[int, int] | list[int] = (288, 144),
-                 include_val_ids: bool = False, flip: bool = True) -> None:
+                 include_val_ids: bool = False, flip: bool = True, images_per_identity: int | None = None) -> None:
         super().__init__(root, split)
+        if images_per_identity is not None and (images_per_identity < 2 or images_per_identity % 2):
+            raise ValueError(f"SYSU-MM01: images_per_identity must be an even number >= 2 (half visible, half "
+                             f"infrared), got {images_per_identity}")
+        self.images_per_identity = images_per_identity
         self.image_size = (int(image_size[0]), int(image_size[1]))
         missing = [f"cam{c}" for c in range(1, 7) if not (self.root / f"cam{c}").is_dir()]
         if missing:
@@ -102,6 +151,14 @@ class SYSUMM01(ModalityDataset):
         return {"image": x, "modality": torch.tensor(int(cam in INFRARED_CAMS)),
                 "label": torch.tensor(self._label.get(pid, -1)), "pid": torch.tensor(pid),
                 "cam": torch.tensor(cam), "index": torch.tensor(i)}
+
+    def train_sampler(self, batch_size: int, seed: int):
+        """With ``images_per_identity`` K: batches of batch_size / K identities, each with K/2 visible and K/2
+        infrared images (DDAG's identity sampler), so every batch holds cross-modality positives."""
+        if self.images_per_identity is None:
+            return None
+        return IdentitySampler([s[1] for s in self.samples], [int(s[2] in INFRARED_CAMS) for s in self.samples],
+                               batch_size, self.images_per_identity, seed)
 
     def info(self) -> dict[str, Any]:
         return {"num_classes": self.num_ids, "image_size": list(self.image_size), "channels": 3}
