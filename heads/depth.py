@@ -114,8 +114,8 @@ def depth_hypotheses(center: torch.Tensor | None, depth_range: torch.Tensor, pla
         values = dmin[:, None] + (dmax - dmin)[:, None] * steps / max(planes - 1, 1)  # [B, D]
         return values[:, :, None, None].expand(b, planes, *size)
     half = interval[:, None, None] * (planes - 1) / 2
-    low = (center - half).clamp(min=dmin[:, None, None])
-    low = torch.minimum(low, (dmax[:, None, None] - 2 * half)).clamp(min=dmin[:, None, None])
+    # the band [low, low + 2 half] is shifted to stay inside [dmin, dmax] (clipped at dmin if wider)
+    low = torch.minimum(center - half, dmax[:, None, None] - 2 * half).clamp(min=dmin[:, None, None])
     return low[:, None] + steps[None, :, None, None] * interval[:, None, None, None]
 
 

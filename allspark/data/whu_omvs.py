@@ -56,6 +56,7 @@ import numpy as np
 import torch
 
 from allspark.data.base import DatasetFormatError, ModalityDataset
+from allspark.data.image_folder import read_image
 from allspark.registry import DATASETS
 
 __all__ = ["WHUOMVS", "read_camera", "projection_matrix", "read_exr_depth", "write_camera"]
@@ -134,26 +135,19 @@ def read_exr_depth(path: Path) -> np.ndarray:
 
 
 def _read_png(path: Path, mode: str) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
     if not path.is_file():
         raise DatasetFormatError(f"WHU-OMVS: file {path} is missing; {LAYOUT}")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return np.asarray(img.convert(mode))
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise DatasetFormatError(f"WHU-OMVS: cannot decode image {path}: {type(exc).__name__}: {exc}") from exc
+    return read_image(path, mode)
 
 
-def _ints(path: Path, what: str) -> list[str]:
+def _tokens(path: Path, what: str) -> list[str]:
     if not path.is_file():
         raise DatasetFormatError(f"WHU-OMVS: {what} {path} is missing; {LAYOUT}")
     return path.read_text().split()
 
 
 def read_image_paths(path: Path) -> dict[int, str]:
-    tokens = _ints(path, "image list")
+    tokens = _tokens(path, "image list")
     try:
         n = int(tokens[0])
         out = {int(tokens[1 + 3 * j]): tokens[2 + 3 * j] for j in range(n)}
@@ -164,14 +158,15 @@ def read_image_paths(path: Path) -> dict[int, str]:
 
 
 def read_viewpairs(path: Path) -> list[tuple[int, list[int]]]:
-    tokens = _ints(path, "view-pair file")
+    tokens = _tokens(path, "view-pair file")
     pairs = []
     try:
         n, pos = int(tokens[0]), 1
         for _ in range(n):
             ref, k = int(tokens[pos]), int(tokens[pos + 1])
             srcs = [int(tokens[pos + 2 + 2 * j]) for j in range(k)]
-            [float(tokens[pos + 3 + 2 * j]) for j in range(k)]
+            for j in range(k):  # the scores are not used, but must be numbers
+                float(tokens[pos + 3 + 2 * j])
             pairs.append((ref, srcs))
             pos += 2 + 2 * k
     except (ValueError, IndexError):
