@@ -208,7 +208,7 @@ class AllSpark(nn.Module):
         modality = self.encode(batch, token_sets) if self.bridge is not None else None
         x, mask, last = self.build_sequence(modality, batch_size, batch.get("prompt_index"))
         hidden = self._llm.decoder(inputs_embeds=x, attention_mask=mask.long()).last_hidden_state
-        return LLMOutput(hidden, mask, last, self.num_modality_tokens)
+        return LLMOutput(hidden, mask, last, self.num_modality_tokens, modality_input=modality)
 
     def forward(self, batch: dict[str, Any]) -> Output:
         if self.alignment is None:

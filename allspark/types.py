@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Tokens", "LLMOutput", "Output", "check_tensor"]
+__all__ = ["Tokens", "LLMOutput", "Output", "check_tensor", "pooled_size"]
 
 
 @dataclass
@@ -37,24 +37,44 @@ class LLMOutput:
     """The language model's last hidden states over ``[modality tokens | prompt tokens | pad]``.
 
     ``last_index[b]`` is the position of the last real token of row ``b`` (the last prompt token);
-    ``num_modality_tokens`` is the number of bridge tokens at the start of every row.
+    ``num_modality_tokens`` is the number of bridge tokens at the start of every row; ``modality_input`` the
+    bridge tokens ``s_i`` as they entered the language model ([B, N, D]; None when the task has none).
     """
 
     hidden: torch.Tensor
     attention_mask: torch.Tensor
     last_index: torch.Tensor
     num_modality_tokens: int
+    modality_input: torch.Tensor | None = field(default=None, kw_only=True)
 
     def pool(self, mode: str = "last") -> torch.Tensor:
-        """``last``: hidden state of the last prompt token; ``mean``: mean over the modality tokens."""
+        """``last``: hidden state of the last prompt token; ``mean``: mean of the hidden states over the
+        modality tokens; ``bridge``: mean of the bridge tokens *entering* the language model (a skip path
+        around it). ``a+b`` concatenates several along the feature axis (size: see :func:`pooled_size`)."""
+        if "+" in mode:
+            return torch.cat([self.pool(m) for m in mode.split("+")], dim=-1)
         if mode == "last":
             rows = torch.arange(self.hidden.shape[0], device=self.hidden.device)
             return self.hidden[rows, self.last_index]
-        if mode == "mean":
+        if mode in ("mean", "bridge"):
             if self.num_modality_tokens == 0:
-                raise ValueError("mean pooling needs modality tokens; this task has none (use 'last')")
-            return self.hidden[:, : self.num_modality_tokens].mean(dim=1)
-        raise ValueError(f"unknown pooling {mode!r}; expected 'last' or 'mean'")
+                raise ValueError(f"{mode!r} pooling needs modality tokens; this task has none (use 'last')")
+            if mode == "mean":
+                return self.hidden[:, : self.num_modality_tokens].mean(dim=1)
+            if self.modality_input is None:
+                raise ValueError("'bridge' pooling needs LLMOutput.modality_input (the bridge tokens)")
+            return self.modality_input.mean(dim=1).to(self.hidden.dtype)
+        raise ValueError(f"unknown pooling {mode!r}; expected 'last', 'mean', 'bridge' or a '+' combination")
+
+
+def pooled_size(mode: str, hidden_size: int) -> int:
+    """Feature size of :meth:`LLMOutput.pool` with ``mode`` (checked) for a model of ``hidden_size``."""
+    parts = mode.split("+")
+    bad = [m for m in parts if m not in ("last", "mean", "bridge")]
+    if bad or len(set(parts)) != len(parts):
+        raise ValueError(f"unknown pooling {mode!r}; expected 'last', 'mean', 'bridge' or a '+' combination of "
+                         "distinct ones")
+    return hidden_size * len(parts)
 
 
 @dataclass

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from allspark.registry import HEADS
-from allspark.types import LLMOutput, Output
+from allspark.types import LLMOutput, Output, pooled_size
 
 __all__ = ["ReIDHead", "cross_modal_infonce"]
 
@@ -23,6 +23,10 @@ class ReIDHead(nn.Module):
     dominates the last-token state, between-sample variation is ~9% of it) or ``layernorm``.
     ``cross_modal_weight`` > 0 adds a cross-modal InfoNCE term (see ``cross_modal_infonce``), meant for batches
     of several identities with both modalities (``data.args.images_per_identity``).
+    ``pooling``: see :meth:`LLMOutput.pool`; ``last+bridge`` (the infrared config's choice) concatenates the
+    last-token state with the mean bridge token entering the language model, a skip path around it: on the
+    demo, identity features that transfer to unseen people do not survive the frozen SmolLM2 (test rank1 at
+    chance with ``last`` alone, see the README), the skip path carries them.
     ``num_classes`` (training identities) is taken from the dataset info when given there.
     """
 
@@ -39,14 +43,15 @@ class ReIDHead(nn.Module):
         if not num_classes or num_classes < 2:
             raise ValueError(f"reid head: needs num_classes >= 2 training identities, got {num_classes}")
         self.pooling, self.label_key = pooling, label_key
+        size = pooled_size(pooling, hidden_size)
         if neck == "batchnorm":
-            self.neck = nn.BatchNorm1d(hidden_size, momentum=bn_momentum)
+            self.neck = nn.BatchNorm1d(size, momentum=bn_momentum)
             self.neck.bias.requires_grad_(False)  # BNNeck: no shift, as Luo et al.
         elif neck == "layernorm":
-            self.neck = nn.LayerNorm(hidden_size)
+            self.neck = nn.LayerNorm(size)
         else:
             raise ValueError(f"reid head: neck must be 'batchnorm' or 'layernorm', got {neck!r}")
-        self.classifier = nn.Linear(hidden_size, num_classes, bias=False)
+        self.classifier = nn.Linear(size, num_classes, bias=False)
         self.cross_modal_weight, self.temperature = float(cross_modal_weight), float(temperature)
 
     def forward(self, llm_out: LLMOutput, batch: dict[str, Any]) -> Output:

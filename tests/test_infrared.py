@@ -125,6 +125,41 @@ def test_reid_head_embeddings_and_loss():
     assert head.train()(one, {"label": torch.tensor([2])}).loss.ndim == 0  # a batch of one still trains
 
 
+def test_last_plus_bridge_pooling_concatenates_the_skip_path():
+    from allspark.types import LLMOutput, pooled_size
+
+    hidden, bridge = torch.randn(3, 6, 8), torch.randn(3, 2, 8)
+    out = LLMOutput(hidden, torch.ones(3, 6, dtype=torch.bool), torch.tensor([5, 4, 3]), 2, modality_input=bridge)
+    pooled = out.pool("last+bridge")
+    assert pooled.shape == (3, 16) and pooled_size("last+bridge", 8) == 16
+    assert torch.equal(pooled[:, :8], hidden[torch.arange(3), torch.tensor([5, 4, 3])])
+    assert torch.allclose(pooled[:, 8:], bridge.mean(1))
+    head = ReIDHead(8, num_classes=4, pooling="last+bridge")
+    assert head.neck.num_features == 16 and head.classifier.in_features == 16
+    assert head(out, {"label": torch.tensor([0, 1, 2])}).predictions["embedding"].shape == (3, 16)
+    with pytest.raises(ValueError, match="modality_input"):
+        LLMOutput(hidden, out.attention_mask, out.last_index, 2).pool("bridge")
+    with pytest.raises(ValueError, match="unknown pooling"):
+        ReIDHead(8, num_classes=4, pooling="last+max")
+    with pytest.raises(ValueError, match="unknown pooling"):
+        pooled_size("last+last", 8)
+
+
+def test_model_hands_the_bridge_tokens_to_the_head():
+    from allspark.config import load_config
+    from allspark.model import AllSpark
+    from allspark.data import build_dataset
+
+    cfg = load_config("infrared", overrides=["model.llm.name=tiny", "model.llm.dtype=float32",
+                                             "model.encoders.0.args.arch=resnet10t"])
+    data = build_dataset(cfg, "train")
+    model = AllSpark.from_config(cfg, data.info()).eval()
+    batch = {k: torch.stack([data[i][k] for i in range(2)]) for k in ("image", "modality", "label")}
+    with torch.no_grad():
+        out = model.run_llm(batch)
+        assert torch.equal(out.modality_input, model.encode(batch))
+
+
 def test_tiny_training_run_reports_all_search_metrics(tmp_path):
     from allspark.config import load_config
     from allspark.training import train
