@@ -8,14 +8,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from allspark.registry import HEADS
-from allspark.types import LLMOutput, Output
+from allspark.types import LLMOutput, Output, pooled_size
 
 
 @HEADS.register("classification")
 class ClassificationHead(nn.Module):
     """Pooled hidden state -> class logits; cross-entropy against ``batch[label_key]``.
 
-    Labels equal to ``ignore_index`` (the readers use -1 for unlabelled samples) carry no loss.
+    Labels equal to ``ignore_index`` (the readers use -1 for unlabelled samples) carry no loss. ``pooling``: see
+    :meth:`LLMOutput.pool` (e.g. ``last+bridge`` adds the bridge tokens entering the LLM as a skip path).
     """
 
     def __init__(
@@ -39,8 +40,9 @@ class ClassificationHead(nn.Module):
         self.label_key = label_key
         self.label_smoothing = label_smoothing
         self.ignore_index = ignore_index
-        self.norm = nn.LayerNorm(hidden_size)
-        self.linear = nn.Linear(hidden_size, num_classes)
+        size = pooled_size(pooling, hidden_size)
+        self.norm = nn.LayerNorm(size)
+        self.linear = nn.Linear(size, num_classes)
 
     def forward(self, llm_out: LLMOutput, batch: dict[str, Any]) -> Output:
         pooled = self.norm(llm_out.pool(self.pooling).float())

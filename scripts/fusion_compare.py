@@ -7,7 +7,10 @@ the test OA / AA / kappa of each run as a markdown table (also written to ``OUT/
     python scripts/fusion_compare.py --modality hsi+sar --out /tmp/cmp model.llm.name=tiny
     python scripts/fusion_compare.py --modality hsi+lidar --out /tmp/cmp --objectives soft_hgr deep_cca
 
-Extra ``key=value`` arguments are config overrides applied to every run (e.g. the tiny LLM for speed).
+Extra ``key=value`` arguments are config overrides applied to every run (e.g. the tiny LLM for speed); put
+them before ``--seeds`` / ``--objectives`` (which take several values) or after ``--``:
+
+    python scripts/fusion_compare.py --modality hsi+sar --out /tmp/cmp --seeds 0 1 2 -- model.llm.name=tiny
 """
 from __future__ import annotations
 

@@ -26,8 +26,9 @@ from typing import ClassVar
 import numpy as np
 
 from allspark.data.base import DatasetFormatError
-from allspark.data.paired_raster import (PairedRasterScene, check_raster, demo_layout, demo_signatures,
-                                         label_map)
+from allspark.data.paired_raster import (PairedRasterScene, check_raster, demo_hsi, demo_layout,
+                                         demo_signatures, gaussian_spectra, label_map, near_signatures,
+                                         smooth_fields)
 from allspark.registry import DATASETS
 
 __all__ = ["BerlinHSISAR", "BERLIN_CLASS_NAMES"]
@@ -46,7 +47,7 @@ class BerlinHSISAR(PairedRasterScene):
     raster_keys: ClassVar[tuple[str, ...]] = ("hsi", "sar")
     default_class_names = BERLIN_CLASS_NAMES
     dataset_name = "Berlin"
-    demo_version: ClassVar[int] = 4
+    demo_version: ClassVar[int] = 5
 
     def read_scene(self, root: Path, hsi_bands: int | None = None, sar_channels: int | None = None):
         from allspark.data.pavia import read_mat_array
@@ -66,32 +67,37 @@ class BerlinHSISAR(PairedRasterScene):
         return [hsi, sar], train, test
 
     @classmethod
-    def write_demo(cls, root, seed: int = 0, height: int = 48, width: int = 48, bands: int = 244,
-                   sar_channels: int = 4, train_per_class: int = 20) -> None:
-        """A small co-registered scene in the release's layout: label grid and SAR ``height x width``, the
-        HSI on a grid twice as coarse. Eight classes in square blocks. HSI: six spectra, classes 0/1 and 2/3
-        sharing one each (HSI alone confuses them); SAR: six backscatter signatures, classes 4/5 and 6/7
-        sharing one each; only the pair separates all eight. HSI: endmember x illumination U(0.8, 1.2) +
-        Gaussian noise; SAR: signature x Gamma(4, 1/4) speckle (4-look intensity). ``train_per_class``
-        training pixels per class; half of the rest of the class is test, the other half labelled in
-        neither map (unlabelled pixels, as in the release)."""
+    def write_demo(cls, root, seed: int = 0, height: int = 64, width: int = 64, bands: int = 244,
+                   sar_channels: int = 4, train_per_class: int = 6, separation: float = 0.85,
+                   nuisance: float = 0.6, hsi_noise: float = 0.05, looks: float = 2.0, slope: float = 0.5,
+                   scale: float = 4.0) -> None:
+        """A small co-registered scene in the release's layout, made for semi-supervised fusion: label grid
+        and SAR ``height x width``, the HSI on a grid twice as coarse; eight classes in 8x8 blocks.
+
+        HSI: per-class spectra where classes 1 and 3 sit close to 0 and 2 (``separation`` of the way from
+        their partner's spectrum to their own), mixed with smoothly varying clutter endmembers (share
+        ``nuisance``), a smooth illumination factor and noise (see ``demo_hsi``). SAR: per-class
+        backscatter where classes 5 and 7 sit close to 4 and 6, times a smooth terrain-slope gain
+        exp(``slope`` x field) and ``looks``-look Gamma speckle. So each modality alone confuses some
+        classes and the pair separates them; the nuisances are independent between the modalities, so
+        what the two share is the class -- what a maximal-correlation objective learns from unlabelled
+        pairs. ``train_per_class`` training pixels per class; half of the rest of each class is test, the
+        other half labelled in neither map (the unlabelled pixels ``unlabelled_ratio`` draws from)."""
         import scipy.io
 
+        if height % 16 or width % 16:
+            raise ValueError("Berlin demo: height and width must be multiples of 16 (8x8 blocks on a 2x grid)")
         rng = np.random.default_rng(seed)
         k = len(BERLIN_CLASS_NAMES)
         spec_group, sar_group = demo_signatures(k, 2, 2)
-        classes, train, test = demo_layout(rng, height, width, k, block=6, train_per_class=train_per_class,
+        classes, train, test = demo_layout(rng, height, width, k, block=8, train_per_class=train_per_class,
                                              test_fraction=0.5)
-        wl = np.linspace(0, 1, bands)
-        centres = rng.uniform(0.1, 0.9, (spec_group.max() + 1, 3))
-        spectra = np.stack([0.2 + sum(0.25 * np.exp(-0.5 * ((wl - c) / 0.08) ** 2) for c in cs) for cs in centres])
-        backscatter = np.array([[0.05, 0.01, 0.02, 0.01], [0.3, 0.08, 0.1, 0.05], [0.05, 0.2, 0.02, 0.15],
-                                [0.4, 0.4, 0.3, 0.3], [0.15, 0.3, 0.25, 0.02], [0.02, 0.05, 0.3, 0.35]])
-        backscatter = backscatter[: sar_group.max() + 1, :sar_channels]
-        hh, hw = height // 2, width // 2
-        coarse = classes[::2, ::2][:hh, :hw] - 1  # blocks are even-sized: each coarse pixel has one class
-        hsi = spectra[spec_group[coarse]] * rng.uniform(0.8, 1.2, (hh, hw, 1)) + rng.normal(0, 0.02, (hh, hw, bands))
-        sar = backscatter[sar_group[classes - 1]] * rng.gamma(4.0, 0.25, (height, width, sar_channels))
+        spectra = near_signatures(spec_group, gaussian_spectra(rng, k, bands), separation)
+        backscatter = near_signatures(sar_group, rng.uniform(0.02, 0.4, (k, sar_channels)), separation)
+        coarse = classes[::2, ::2] - 1  # blocks are even-sized: each coarse pixel has one class
+        hsi = demo_hsi(rng, spectra[coarse], nuisance, hsi_noise, scale / 2)
+        gain = np.exp(slope * smooth_fields(rng, 1, height, width, scale))
+        sar = backscatter[classes - 1] * gain * rng.gamma(looks, 1 / looks, (height, width, sar_channels))
         root = Path(root)
         root.mkdir(parents=True, exist_ok=True)
         arrays = {"hsi": hsi.astype(np.float32), "sar": sar.astype(np.float64), "train": train, "test": test}

@@ -29,8 +29,9 @@ from typing import ClassVar
 import numpy as np
 
 from allspark.data.base import DatasetFormatError
-from allspark.data.paired_raster import (PairedRasterScene, check_raster, demo_layout, demo_signatures,
-                                         label_map)
+from allspark.data.paired_raster import (PairedRasterScene, check_raster, demo_hsi, demo_layout,
+                                         demo_signatures, gaussian_spectra, label_map, near_signatures,
+                                         smooth_fields)
 from allspark.registry import DATASETS
 
 __all__ = ["Houston2018HSILiDAR", "HOUSTON2018_CLASS_NAMES", "read_geotiff"]
@@ -70,7 +71,7 @@ class Houston2018HSILiDAR(PairedRasterScene):
     raster_keys: ClassVar[tuple[str, ...]] = ("hsi", "lidar")
     default_class_names = HOUSTON2018_CLASS_NAMES
     dataset_name = "Houston 2018"
-    demo_version: ClassVar[int] = 4
+    demo_version: ClassVar[int] = 5
 
     def read_scene(self, root: Path, hsi_bands: int | None = None):
         files = [HSI_FILE, *LIDAR_FILES, TRAIN_FILE, TEST_FILE]
@@ -94,31 +95,36 @@ class Houston2018HSILiDAR(PairedRasterScene):
         return [hsi, lidar], train, test
 
     @classmethod
-    def write_demo(cls, root, seed: int = 0, height: int = 60, width: int = 60, bands: int = 48,
-                   train_per_class: int = 20) -> None:
-        """A small co-registered scene in the contest layout: labels and LiDAR ``height x width``, HSI on a
-        grid twice as coarse (as 1 m vs 0.5 m). Twenty classes in square blocks. HSI: fifteen spectra, the
-        class pairs 0/1, 2/3, ..., 8/9 sharing one each (HSI alone confuses them); LiDAR: fifteen intensity
-        signatures, the pairs 10/11, ..., 18/19 sharing one each; the pair of modalities separates all.
+    def write_demo(cls, root, seed: int = 0, height: int = 80, width: int = 80, bands: int = 48,
+                   train_per_class: int = 6, separation: float = 0.85, nuisance: float = 0.6,
+                   hsi_noise: float = 0.05, lidar_noise: float = 4.0, gain: float = 0.3,
+                   scale: float = 4.0, confused_pairs: int = 5) -> None:
+        """A small co-registered scene in the contest layout, made for semi-supervised fusion: labels and
+        LiDAR ``height x width``, the HSI on a grid twice as coarse (as 1 m vs 0.5 m); twenty classes in 8x8
+        blocks. HSI: per-class spectra where classes 1, 3, ..., 9 sit close to 0, 2, ..., 8 (``separation``
+        of the way from their partner's spectrum to their own), mixed with smoothly varying clutter (share
+        ``nuisance``), a smooth illumination factor and noise (see ``demo_hsi``); LiDAR: three per-class
+        intensities where classes 11, ..., 19 sit close to 10, ..., 18, times a smooth range/incidence gain
+        exp(``gain`` x field), plus Gaussian noise. Each modality alone confuses some classes, the pair
+        separates them, and the two nuisances are independent, so what the modalities share is the class.
         ``train_per_class`` training pixels per class; half of the rest is test, the other half labelled in
-        neither map (unlabelled pixels)."""
+        neither map (the unlabelled pixels)."""
         import tifffile
 
+        if height % 16 or width % 16:
+            raise ValueError("Houston 2018 demo: height and width must be multiples of 16 (8x8 blocks, 2x grid)")
         rng = np.random.default_rng(seed)
         k = len(HOUSTON2018_CLASS_NAMES)
-        spec_group, lidar_group = demo_signatures(k, 5, 5)
-        classes, train, test = demo_layout(rng, height, width, k, block=6, train_per_class=train_per_class,
+        spec_group, lidar_group = demo_signatures(k, confused_pairs, confused_pairs)
+        classes, train, test = demo_layout(rng, height, width, k, block=8, train_per_class=train_per_class,
                                              test_fraction=0.5)
-        wl = np.linspace(0, 1, bands)
-        centres = rng.uniform(0.05, 0.95, (spec_group.max() + 1, 2))
-        spectra = np.stack([0.15 + sum(0.3 * np.exp(-0.5 * ((wl - c) / 0.07) ** 2) for c in cs) for cs in centres])
-        signatures = rng.uniform(5.0, 60.0, (lidar_group.max() + 1, 3))
-        hh, hw = height // 2, width // 2
-        coarse = classes[::2, ::2][:hh, :hw] - 1
-        hsi = spectra[spec_group[coarse]] * rng.uniform(0.85, 1.15, (hh, hw, 1)) + rng.normal(0, 0.02, (hh, hw, bands))
-        lidar = signatures[lidar_group[classes - 1]] + rng.normal(0, 2.5, (height, width, 3))
+        spectra = near_signatures(spec_group, gaussian_spectra(rng, k, bands, peaks=2, width=0.07), separation)
+        signatures = near_signatures(lidar_group, rng.uniform(5.0, 60.0, (k, 3)), separation)
+        hsi = demo_hsi(rng, spectra[classes[::2, ::2] - 1], nuisance, hsi_noise, scale / 2)
+        field = np.exp(gain * smooth_fields(rng, 1, height, width, scale))
+        lidar = signatures[classes - 1] * field + rng.normal(0, lidar_noise, (height, width, 3))
         root = Path(root)
-        outputs = {HSI_FILE: (hsi * 10000).astype(np.uint16), TRAIN_FILE: train, TEST_FILE: test}
+        outputs = {HSI_FILE: np.clip(hsi * 10000, 0, 65535).astype(np.uint16), TRAIN_FILE: train, TEST_FILE: test}
         for i, f in enumerate(LIDAR_FILES):
             outputs[f] = lidar[..., i].astype(np.float32)
         for rel, array in outputs.items():

@@ -20,7 +20,8 @@ Unlabelled pixels (``unlabelled_ratio`` > 0): the ``train`` split also holds ``r
 n_train)`` pixels drawn (with ``split_seed``) from those labelled in *neither* map, with ``label`` -1. The
 classification loss ignores them; a correlation objective (``model.alignment``) needs no label and learns
 from them too -- the semi-supervised use of maximal correlation on paired modalities. Test pixels are never
-used this way. Per-band mean and standard deviation of each
+used this way. ``labelled_share`` s (optional) makes every training batch hold ``round(s x batch_size)``
+labelled pixels (:class:`LabelledShareSampler`); by default batches are plain shuffles of the split. Per-band mean and standard deviation of each
 raster are fitted on the raster pixels under the ``train`` labels only and applied everywhere.
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 
 from allspark.data.base import DatasetFormatError, ModalityDataset
 
-__all__ = ["PairedRasterScene", "map_to_grid", "carve_validation"]
+__all__ = ["PairedRasterScene", "LabelledShareSampler", "map_to_grid", "carve_validation", "smooth_fields"]
 
 
 def map_to_grid(rows: np.ndarray, cols: np.ndarray, label_shape: tuple[int, int],
@@ -60,6 +61,45 @@ def carve_validation(train_idx: np.ndarray, labels: np.ndarray, val_ratio: float
     return np.sort(np.concatenate(keep)), np.sort(np.concatenate(val))
 
 
+class LabelledShareSampler(torch.utils.data.Sampler):
+    """Training indices in chunks of ``batch_size``, each with ``round(share x batch_size)`` labelled pixels
+    (drawn in shuffled passes over the labelled set, as often as needed) and unlabelled pixels for the rest
+    (one shuffled pass over them per epoch; the last chunk is filled from a second pass). So every batch
+    carries a steady classification signal however many unlabelled pixels there are -- the labelled /
+    unlabelled batch ratio of semi-supervised training (e.g. FixMatch). The order depends only on
+    (seed, epoch)."""
+
+    def __init__(self, labels: torch.Tensor, batch_size: int, share: float, seed: int) -> None:
+        if not 0 < share < 1:
+            raise ValueError(f"labelled_share must be in (0, 1), got {share}")
+        self.labelled = torch.nonzero(labels >= 0).flatten().numpy()
+        self.unlabelled = torch.nonzero(labels < 0).flatten().numpy()
+        self.n_lab = min(max(1, int(round(share * batch_size))), batch_size - 1)
+        if not len(self.labelled) or not len(self.unlabelled):
+            raise ValueError("labelled_share needs both labelled and unlabelled training pixels "
+                             "(set data.args.unlabelled_ratio > 0)")
+        self.batch_size, self.seed, self.epoch = batch_size, seed, 0
+        self.batches = int(np.ceil(len(self.unlabelled) / (batch_size - self.n_lab)))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.batches * self.batch_size
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+
+        def stream(pool: np.ndarray, n: int) -> np.ndarray:
+            passes = int(np.ceil(n / len(pool)))
+            return np.concatenate([rng.permutation(pool) for _ in range(passes)])[:n]
+
+        n_un = self.batch_size - self.n_lab
+        lab = stream(self.labelled, self.batches * self.n_lab).reshape(self.batches, self.n_lab)
+        unl = stream(self.unlabelled, self.batches * n_un).reshape(self.batches, n_un)
+        return iter(np.concatenate([lab, unl], 1).reshape(-1).tolist())
+
+
 class PairedRasterScene(ModalityDataset):
     """Base reader: subclasses implement :meth:`read_scene` and name their rasters' batch keys."""
 
@@ -71,7 +111,7 @@ class PairedRasterScene(ModalityDataset):
 
     def __init__(self, root, split: str, *, patch: int = 7, val_ratio: float = 0.1, split_seed: int = 0,
                  class_names: Sequence[str] | None = None, unlabelled_ratio: float = 0.0,
-                 **read_args: Any) -> None:
+                 labelled_share: float | None = None, **read_args: Any) -> None:
         super().__init__(root, split)
         if patch < 1 or patch % 2 == 0:
             raise ValueError(f"{self.dataset_name}: patch must be an odd size >= 1, got {patch}")
@@ -123,7 +163,9 @@ class PairedRasterScene(ModalityDataset):
         rows, cols = np.unravel_index(idx, (height, width))
         t_rows, t_cols = np.unravel_index(train, (height, width))
 
-        self.patch = patch
+        self.patch, self.labelled_share = patch, labelled_share
+        if labelled_share is not None and not 0 < labelled_share < 1:
+            raise ValueError(f"{self.dataset_name}: labelled_share must be in (0, 1), got {labelled_share}")
         half = patch // 2
         self.images: list[torch.Tensor] = []
         self.centres: list[torch.Tensor] = []
@@ -157,6 +199,12 @@ class PairedRasterScene(ModalityDataset):
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def train_sampler(self, batch_size: int, seed: int):
+        """With ``labelled_share`` set and unlabelled pixels in the split: :class:`LabelledShareSampler`."""
+        if self.labelled_share is None or self.split != "train" or not (self.labels < 0).any():
+            return None
+        return LabelledShareSampler(self.labels, batch_size, self.labelled_share, seed)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         item: dict[str, Any] = {}
@@ -204,11 +252,9 @@ def check_raster(array: np.ndarray, path, what: str, bands: int | None = None) -
 
 
 def demo_signatures(num_classes: int, confused_a: int, confused_b: int) -> tuple[np.ndarray, np.ndarray]:
-    """Signature ids per class for the two modalities. Modality A gives the first ``confused_a`` class pairs
-    ((0, 1), (2, 3), ...) one shared signature each, modality B the last ``confused_b`` pairs; every other
-    class has a signature of its own in both. So each modality alone confuses some classes, the pair
-    separates all, and the two modalities still share most of the class information (what a correlation
-    objective can learn from unlabelled pairs)."""
+    """Signature groups per class for the two modalities. Modality A puts the first ``confused_a`` class pairs
+    ((0, 1), (2, 3), ...) in one group each, modality B the last ``confused_b`` pairs; every other class is a
+    group of its own in both, so no pair is grouped in both modalities."""
     if 2 * (confused_a + confused_b) > num_classes:
         raise ValueError("demo signatures: the confused pairs of the two modalities must not overlap")
 
@@ -223,6 +269,41 @@ def demo_signatures(num_classes: int, confused_a: int, confused_b: int) -> tuple
     if len(set(zip(a.tolist(), b.tolist()))) != num_classes:
         raise ValueError("demo signatures are not unique per class")
     return a, b
+
+
+def near_signatures(group: np.ndarray, own: np.ndarray, separation: float) -> np.ndarray:
+    """Per-class signatures [K, ...]: ``own[c]``, except that a class grouped with an earlier class ``c0``
+    gets ``own[c0] + separation * (own[c] - own[c0])`` -- identical to it at 0, fully its own at 1."""
+    out = own.astype(np.float64).copy()
+    for c in range(len(group)):
+        first = int(np.flatnonzero(group == group[c])[0])
+        if first != c:
+            out[c] = own[first] + separation * (own[c] - own[first])
+    return out
+
+
+def gaussian_spectra(rng: np.random.Generator, n: int, bands: int, peaks: int = 3, width: float = 0.08,
+                     base: float = 0.2, height: float = 0.25) -> np.ndarray:
+    """``n`` random smooth reflectance spectra [n, bands]: a floor plus ``peaks`` Gaussian absorption-free
+    bumps at random wavelengths."""
+    wl = np.linspace(0, 1, bands)
+    centres = rng.uniform(0.1, 0.9, (n, peaks))
+    return base + height * np.exp(-0.5 * ((wl[None, None] - centres[..., None]) / width) ** 2).sum(1)
+
+
+def demo_hsi(rng: np.random.Generator, class_spectra: np.ndarray, nuisance: float, noise: float,
+             scale: float, clutter: int = 3) -> np.ndarray:
+    """A hyperspectral cube [h, w, bands] from per-pixel class spectra [h, w, bands]: each pixel is a linear
+    mixture of its class spectrum (share ``1 - nuisance``) and ``clutter`` random background endmembers
+    whose abundances vary smoothly over the scene (spatial scale ``scale`` pixels), times a smooth
+    illumination factor, plus Gaussian sensor noise of standard deviation ``noise``. The clutter and the
+    illumination are independent of the class and of any other modality."""
+    h, w, bands = class_spectra.shape
+    fields = smooth_fields(rng, clutter + 1, h, w, scale)
+    weights = np.exp(fields[..., :clutter])
+    weights /= weights.sum(-1, keepdims=True)
+    mix = (1 - nuisance) * class_spectra + nuisance * weights @ gaussian_spectra(rng, clutter, bands)
+    return mix * np.exp(0.15 * fields[..., clutter:]) + rng.normal(0, noise, (h, w, bands))
 
 
 def demo_layout(rng: np.random.Generator, height: int, width: int, num_classes: int, block: int,
@@ -244,3 +325,13 @@ def demo_layout(rng: np.random.Generator, height: int, width: int, num_classes: 
         train.ravel()[pix[:n_tr]] = k
         test.ravel()[pix[n_tr:n_tr + n_te]] = k
     return classes, train, test
+
+
+def smooth_fields(rng: np.random.Generator, n: int, height: int, width: int, scale: float) -> np.ndarray:
+    """``n`` independent spatially smooth random fields [height, width, n], each standardised to zero mean and
+    unit variance: white noise blurred with a Gaussian of ``scale`` pixels (wrapping at the borders)."""
+    from scipy.ndimage import gaussian_filter
+
+    noise = rng.standard_normal((height, width, n))
+    field = gaussian_filter(noise, sigma=(scale, scale, 0), mode="wrap")
+    return (field - field.mean((0, 1))) / field.std((0, 1))
