@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from allspark.registry import HEADS
-from allspark.types import LLMOutput, Output, check_tensor
+from allspark.types import LLMOutput, Output, check_tensor, pooled_size
 
 __all__ = ["MultiViewDepthHead", "homography_warp", "depth_hypotheses"]
 
@@ -164,8 +164,9 @@ class MultiViewDepthHead(nn.Module):
         self.visibility = nn.ModuleList(nn.Sequential(_conv3d(cost_channels, 4), nn.Conv3d(4, 1, 1))
                                         for _ in self.stages)
         self.regularizers = nn.ModuleList(CostRegularizer(cost_channels, reg_channels, reg_layers) for _ in self.stages)
-        self.neck = nn.LayerNorm(hidden_size)
-        self.film = nn.Linear(hidden_size, 2 * cost_channels * len(self.stages))
+        size = pooled_size(pooling, hidden_size)
+        self.neck = nn.LayerNorm(size)
+        self.film = nn.Linear(size, 2 * cost_channels * len(self.stages))
         nn.init.zeros_(self.film.weight)
         nn.init.zeros_(self.film.bias)
         self.num_views = int(info["num_views"]) if info and "num_views" in info else None

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from allspark.registry import HEADS
-from allspark.types import LLMOutput, Output
+from allspark.types import LLMOutput, Output, pooled_size
 
 
 @HEADS.register("regression")
@@ -61,8 +61,9 @@ class RegressionHead(nn.Module):
         self.loss_name = loss
         self.pooling = pooling
         self.target_key = target_key
-        self.norm = nn.LayerNorm(hidden_size)
-        self.linear = nn.Linear(hidden_size, math.prod(self.out_shape))
+        size = pooled_size(pooling, hidden_size)
+        self.norm = nn.LayerNorm(size)
+        self.linear = nn.Linear(size, math.prod(self.out_shape))
 
     def unscale(self, z: torch.Tensor) -> torch.Tensor:
         return z * self.target_std + self.target_mean

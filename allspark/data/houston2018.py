@@ -98,7 +98,7 @@ class Houston2018HSILiDAR(PairedRasterScene):
     def write_demo(cls, root, seed: int = 0, height: int = 80, width: int = 80, bands: int = 48,
                    train_per_class: int = 6, separation: float = 0.85, nuisance: float = 0.6,
                    hsi_noise: float = 0.05, lidar_noise: float = 4.0, gain: float = 0.3,
-                   scale: float = 4.0, confused_pairs: int = 5) -> None:
+                   scale: float = 4.0) -> None:
         """A small co-registered scene in the contest layout, made for semi-supervised fusion: labels and
         LiDAR ``height x width``, the HSI on a grid twice as coarse (as 1 m vs 0.5 m); twenty classes in 8x8
         blocks. HSI: per-class spectra where classes 1, 3, ..., 9 sit close to 0, 2, ..., 8 (``separation``
@@ -115,7 +115,7 @@ class Houston2018HSILiDAR(PairedRasterScene):
             raise ValueError("Houston 2018 demo: height and width must be multiples of 16 (8x8 blocks, 2x grid)")
         rng = np.random.default_rng(seed)
         k = len(HOUSTON2018_CLASS_NAMES)
-        spec_group, lidar_group = demo_signatures(k, confused_pairs, confused_pairs)
+        spec_group, lidar_group = demo_signatures(k, 5, 5)
         classes, train, test = demo_layout(rng, height, width, k, block=8, train_per_class=train_per_class,
                                              test_fraction=0.5)
         spectra = near_signatures(spec_group, gaussian_spectra(rng, k, bands, peaks=2, width=0.07), separation)

@@ -21,8 +21,8 @@ n_train)`` pixels drawn (with ``split_seed``) from those labelled in *neither* m
 classification loss ignores them; a correlation objective (``model.alignment``) needs no label and learns
 from them too -- the semi-supervised use of maximal correlation on paired modalities. Test pixels are never
 used this way. ``labelled_share`` s (optional) makes every training batch hold ``round(s x batch_size)``
-labelled pixels (:class:`LabelledShareSampler`); by default batches are plain shuffles of the split. Per-band mean and standard deviation of each
-raster are fitted on the raster pixels under the ``train`` labels only and applied everywhere.
+labelled pixels (:class:`LabelledShareSampler`); by default batches are plain shuffles of the split.
+Per-band mean and standard deviation of each raster are fitted on the raster pixels under the ``train`` labels only and applied everywhere.
 """
 from __future__ import annotations
 
