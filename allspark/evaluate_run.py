@@ -4,10 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from accelerate import Accelerator
-
 from allspark.config import ConfigError, apply_overrides, from_dict, to_dict, Config
 from allspark.data import build_dataset, build_loader, resolve_data_root
+from allspark.distributed import make_accelerator
 from allspark.evaluation import build_evaluator, collect_predictions, write_metrics
 from allspark.model import CONFIG_NAME, AllSpark
 
@@ -34,7 +33,7 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     checkpoint = Path(checkpoint)
     ckpt = resolve_checkpoint(checkpoint)
-    accelerator = Accelerator()
+    accelerator = make_accelerator()
     model = AllSpark.from_pretrained(ckpt)
     cfg = model.cfg
     if modality is not None and cfg.modality != modality:
@@ -55,7 +54,8 @@ def evaluate_checkpoint(
     for name, loader in loaders.items():
         gathered[name] = collect_predictions(model, accelerator.prepare(loader), accelerator,
                                              evaluator.pred_keys, evaluator.batch_keys, name)
-    metrics = {"split": split, "checkpoint": str(ckpt), **evaluator.compute(gathered[split])}
+    metrics = {"split": split, "checkpoint": str(ckpt), "num_processes": accelerator.num_processes,
+               **evaluator.compute(gathered[split])}
     metrics.update(evaluator.model_metrics(accelerator.unwrap_model(model), dataset, accelerator))
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from safetensors.torch import load_file
 
 from allspark.config import Config, save_config
 from allspark.data import EpochSampler, build_dataset, build_loader, resolve_data_root
+from allspark.distributed import make_accelerator
 from allspark.evaluation import build_evaluator, collect_predictions, write_metrics
 from allspark.io import atomic_write_text
 from allspark.model import AllSpark
@@ -117,7 +117,7 @@ def train(
     if cfg.train.stages:
         return train_stages(cfg, output_dir, resume=resume, step_callback=step_callback)
     tcfg = cfg.train
-    accelerator = Accelerator(
+    accelerator = make_accelerator(
         gradient_accumulation_steps=tcfg.grad_accum_steps,
         mixed_precision=tcfg.mixed_precision,
         log_with=_tracker(),
@@ -323,7 +323,7 @@ def train(
     unwrapped.load_trainable_state_dict(load_file(str(output_dir / "best" / "model.safetensors")))
     metrics = evaluate_split(test_loader, "test")
     metrics = {"split": "test", "best_epoch": state.best_epoch, f"val/{tcfg.metric_for_best}": state.best_metric,
-               **metrics}
+               "num_processes": accelerator.num_processes, **metrics}
     if main:
         write_metrics(output_dir / "metrics.json", metrics)
         log.write({"test/" + k: v for k, v in metrics.items() if isinstance(v, (int, float))})

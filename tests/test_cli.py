@@ -1,5 +1,6 @@
 """The command line as a user meets it: clear one-line errors with exit status 2, plugins, two processes."""
 import json
+import math
 import sys
 import textwrap
 
@@ -157,6 +158,11 @@ def test_two_processes_train_and_gather_without_duplicates(tmp_path):
 
     n_test = len(build_dataset(load_config("hsi", overrides=TINY_HSI), "test"))
     assert n_test % 100 != 0, "the test split must not divide evenly, so padding duplicates exist"
+    # Both launches really formed a two-process group (a plain torchrun on CPU does not unless asked to).
+    assert train_metrics["num_processes"] == m2["num_processes"] == 2 and m1["num_processes"] == 1
+    steps = [json.loads(line)["step"] for line in log.splitlines() if "step" in json.loads(line)]
+    n_train = len(build_dataset(load_config("hsi", overrides=TINY_HSI), "train"))
+    assert max(steps) == math.ceil(n_train / (32 * 2)), "each process takes half of every epoch's batches"
     assert m1["num_samples"] == m2["num_samples"] == train_metrics["num_samples"] == n_test
     assert m1["confusion_matrix"] == m2["confusion_matrix"]
     assert m1["OA"] == pytest.approx(m2["OA"])

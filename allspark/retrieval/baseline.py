@@ -16,14 +16,14 @@ __all__ = ["untrained_metrics", "main"]
 
 
 def untrained_metrics(cfg, split: str = "test") -> dict[str, Any]:
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     from allspark.data import build_dataset, build_loader, resolve_data_root
+    from allspark.distributed import make_accelerator
     from allspark.evaluation import build_evaluator, collect_predictions
     from allspark.model import AllSpark
 
-    accelerator = Accelerator()
+    accelerator = make_accelerator()
     set_seed(cfg.seed)
     root = resolve_data_root(cfg)
     info = build_dataset(cfg, "train", root).info()
