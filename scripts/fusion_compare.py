@@ -44,12 +44,14 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--skip-baselines", action="store_true",
                    help="run only the fusion + objective runs (e.g. to sweep model.alignment.weight)")
+    p.add_argument("--skip-singles", action="store_true",
+                   help="skip the single-modality runs, keep the fusion control (e.g. to sweep demo settings)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     base = load_config(args.modality, overrides=args.overrides)
     encoders = to_dict(base.model.encoders)
     runs: dict[str, list[str]] = {}
-    for i, enc in enumerate([] if args.skip_baselines else encoders):
+    for i, enc in enumerate([] if args.skip_baselines or args.skip_singles else encoders):
         runs[f"single:{enc['args'].get('key', enc['type'])}"] = [
             f"model.encoders={yaml.safe_dump([enc], default_flow_style=True).strip()}", "model.alignment.objective=null"]
     if not args.skip_baselines:

@@ -166,3 +166,22 @@ def test_two_processes_train_and_gather_without_duplicates(tmp_path):
     assert m1["num_samples"] == m2["num_samples"] == train_metrics["num_samples"] == n_test
     assert m1["confusion_matrix"] == m2["confusion_matrix"]
     assert m1["OA"] == pytest.approx(m2["OA"])
+
+
+def test_make_accelerator_asks_for_the_cpu_group_only_for_multi_process_launches(monkeypatch):
+    import allspark.distributed as dist
+
+    seen = []
+    monkeypatch.setattr(dist, "Accelerator", lambda **kw: seen.append(kw) or kw)
+    monkeypatch.setattr(dist, "accelerator_device_available", lambda: False)
+    for key in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    assert dist.make_accelerator(mixed_precision="no") == {"mixed_precision": "no"}  # one process: untouched
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert dist.make_accelerator() == {"cpu": True}
+    assert dist.make_accelerator(cpu=False) == {"cpu": False}  # an explicit choice wins
+    monkeypatch.setattr(dist, "accelerator_device_available", lambda: True)
+    assert dist.make_accelerator() == {}  # GPUs: accelerate picks the backend itself
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ValueError, match="WORLD_SIZE='two'"):
+        dist.launched_world_size()
