@@ -71,7 +71,7 @@ class Houston2018HSILiDAR(PairedRasterScene):
     raster_keys: ClassVar[tuple[str, ...]] = ("hsi", "lidar")
     default_class_names = HOUSTON2018_CLASS_NAMES
     dataset_name = "Houston 2018"
-    demo_version: ClassVar[int] = 5
+    demo_version: ClassVar[int] = 6
 
     def read_scene(self, root: Path, hsi_bands: int | None = None):
         files = [HSI_FILE, *LIDAR_FILES, TRAIN_FILE, TEST_FILE]
@@ -97,7 +97,7 @@ class Houston2018HSILiDAR(PairedRasterScene):
     @classmethod
     def write_demo(cls, root, seed: int = 0, height: int = 80, width: int = 80, bands: int = 48,
                    train_per_class: int = 6, separation: float = 0.85, nuisance: float = 0.6,
-                   hsi_noise: float = 0.05, lidar_noise: float = 4.0, gain: float = 0.3,
+                   hsi_noise: float = 0.05, lidar_noise: float = 2.0, gain: float = 0.15,
                    scale: float = 4.0) -> None:
         """A small co-registered scene in the contest layout, made for semi-supervised fusion: labels and
         LiDAR ``height x width``, the HSI on a grid twice as coarse (as 1 m vs 0.5 m); twenty classes in 8x8
