@@ -115,12 +115,16 @@ class AlignmentConfig:
 
     Each encoder's tokens are mean-pooled over the real (mask) positions and projected to ``dim`` by a
     per-encoder linear layer; the registered objective (``allspark.objectives``) scores every pair and
-    the loss becomes ``head loss - weight * score`` (minimising it maximises the correlation).
+    the loss becomes ``task_weight * head loss - weight * score`` (minimising it maximises the correlation).
     """
 
     #: a name in the OBJECTIVES registry (soft_hgr, unifast_hgr, optfast_hgr, deep_cca, soft_cca, ...)
     objective: str | None = None
     weight: float = 0.1
+    #: weight of the head's (task) loss. 0 makes an alignment-only stage: training batches run the encoders
+    #: and the objective alone (the LLM and the head are skipped), e.g. to pre-train the encoders on the
+    #: maximal-correlation features of unlabelled pairs before the task stage (see configs/hsi+lidar.yaml)
+    task_weight: float = 1.0
     #: width of the common space the pooled features are projected to
     dim: int = 64
     args: dict[str, Any] = field(default_factory=dict)
@@ -188,6 +192,9 @@ class TrainConfig:
     greater_is_better: bool = True
     #: evaluate on the validation split every N epochs
     eval_every_epochs: int = 1
+    #: evaluate the best weights on the test split at the end (off for a stage whose head does not train,
+    #: e.g. an alignment-only pre-training stage)
+    test_at_end: bool = True
     #: only the trainable parameters matching these shell patterns train; the others are held (still saved)
     train_only: list[str] = field(default_factory=list)
     #: start from the trainable weights of this checkpoint folder (parts it lacks keep their initial values)

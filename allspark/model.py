@@ -121,6 +121,11 @@ class AllSpark(nn.Module):
             )
         if acfg.dim < 1:
             raise ValueError(f"model.alignment.dim must be >= 1, got {acfg.dim}")
+        if acfg.task_weight < 0 or (acfg.task_weight == 0 and acfg.weight <= 0):
+            raise ValueError(
+                f"model.alignment.task_weight must be >= 0, and an alignment-only stage (task_weight=0) needs "
+                f"weight > 0; got task_weight={acfg.task_weight}, weight={acfg.weight}"
+            )
         from allspark.objectives import build_objective
 
         self.alignment = build_objective({"type": acfg.objective, **acfg.args})
@@ -173,12 +178,13 @@ class AllSpark(nn.Module):
             out.append(proj(pooled.float()))
         return out
 
-    def alignment_score(self, token_sets: list[Tokens]) -> torch.Tensor | None:
+    def alignment_score(self, token_sets: list[Tokens], features: list[torch.Tensor] | None = None
+                        ) -> torch.Tensor | None:
         """The objective's correlation score over all encoder pairs (None for a batch of one sample,
-        where no (co)variance can be estimated)."""
+        where no (co)variance can be estimated). ``features``: :meth:`pooled_features`, if already computed."""
         if token_sets[0].tokens.shape[0] < 2:
             return None
-        return self.alignment(*self.pooled_features(token_sets))
+        return self.alignment(*(self.pooled_features(token_sets) if features is None else features))
 
     def build_sequence(
         self, modality: torch.Tensor | None, batch_size: int, prompt_index: torch.Tensor | None = None
@@ -213,15 +219,23 @@ class AllSpark(nn.Module):
     def forward(self, batch: dict[str, Any]) -> Output:
         if self.alignment is None:
             return self.head(self.run_llm(batch), batch)
+        acfg = self.cfg.model.alignment
         token_sets = self.encode_tokens(batch)
+        features = self.pooled_features(token_sets)
+        if self.training and acfg.task_weight == 0:
+            # Alignment-only training: the encoders and their projections learn the objective alone.
+            score = self.alignment_score(token_sets, features)
+            if score is None:  # a batch of one sample: nothing to correlate, a zero loss kept in the graph
+                return Output(torch.cat(features, dim=-1).sum() * 0.0)
+            return Output(-acfg.weight * score, extras={"alignment": score.detach()})
         out = self.head(self.run_llm(batch, token_sets), batch)
-        score = self.alignment_score(token_sets)
+        score = self.alignment_score(token_sets, features)
         if score is not None:
-            # Minimising ``loss - weight * score`` maximises the correlation of the encoders' features.
+            # Minimising ``task_weight * loss - weight * score`` maximises the correlation of the encoders' features.
             out.extras["alignment"] = score.detach()
             if out.loss is not None:
                 out.extras["task_loss"] = out.loss.detach()
-                out.loss = out.loss - self.cfg.model.alignment.weight * score
+                out.loss = acfg.task_weight * out.loss - acfg.weight * score
         return out
 
     @torch.no_grad()

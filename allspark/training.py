@@ -319,14 +319,15 @@ def train(
         progress.close()
 
     accelerator.wait_for_everyone()
-    # Test-split metrics of the best weights.
-    unwrapped.load_trainable_state_dict(load_file(str(output_dir / "best" / "model.safetensors")))
-    metrics = evaluate_split(test_loader, "test")
-    metrics = {"split": "test", "best_epoch": state.best_epoch, f"val/{tcfg.metric_for_best}": state.best_metric,
-               "num_processes": accelerator.num_processes, **metrics}
+    metrics = {"split": "test" if tcfg.test_at_end else None, "best_epoch": state.best_epoch,
+               f"val/{tcfg.metric_for_best}": state.best_metric, "num_processes": accelerator.num_processes}
+    if tcfg.test_at_end:  # test-split metrics of the best weights
+        unwrapped.load_trainable_state_dict(load_file(str(output_dir / "best" / "model.safetensors")))
+        metrics.update(evaluate_split(test_loader, "test"))
     if main:
         write_metrics(output_dir / "metrics.json", metrics)
-        log.write({"test/" + k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        if tcfg.test_at_end:
+            log.write({"test/" + k: v for k, v in metrics.items() if isinstance(v, (int, float))})
     accelerator.end_training()
     return metrics
 

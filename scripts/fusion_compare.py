@@ -11,6 +11,10 @@ Extra ``key=value`` arguments are config overrides applied to every run (e.g. th
 them before ``--seeds`` / ``--objectives`` (which take several values) or after ``--``:
 
     python scripts/fusion_compare.py --modality hsi+sar --out /tmp/cmp --seeds 0 1 2 -- model.llm.name=tiny
+
+``--pretrain-epochs N`` gives the objective runs an alignment-only first stage of N epochs (the objective alone
+on the encoders and their projections: no label, no LLM; ``model.alignment.task_weight=0``) before the usual
+training; add ``model.alignment.weight=0`` to the overrides to train the second stage on the task loss alone.
 """
 from __future__ import annotations
 
@@ -46,6 +50,8 @@ def main(argv=None) -> int:
                    help="run only the fusion + objective runs (e.g. to sweep model.alignment.weight)")
     p.add_argument("--skip-singles", action="store_true",
                    help="skip the single-modality runs, keep the fusion control (e.g. to sweep demo settings)")
+    p.add_argument("--pretrain-epochs", type=int, default=0,
+                   help="alignment-only pre-training stage of this many epochs before each objective run")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     base = load_config(args.modality, overrides=args.overrides)
@@ -53,15 +59,25 @@ def main(argv=None) -> int:
     runs: dict[str, list[str]] = {}
     for i, enc in enumerate([] if args.skip_baselines or args.skip_singles else encoders):
         runs[f"single:{enc['args'].get('key', enc['type'])}"] = [
-            f"model.encoders={yaml.safe_dump([enc], default_flow_style=True).strip()}", "model.alignment.objective=null"]
+            f"model.encoders={yaml.safe_dump([enc], default_flow_style=True).strip()}", "model.alignment.objective=null",
+            "train.stages=[]"]
     if not args.skip_baselines:
         # The control keeps the objective's projections (so initialisation and every random stream are the
         # same as in the runs with the objective) but gives the objective weight 0: the only difference
-        # between it and "fusion + X" is the objective's term in the loss.
+        # between it and "fusion + X" is the objective (its term in the loss, and the alignment-only
+        # pre-training stage where the config has one: the control and the singles train in one stage).
         runs["fusion (no objective)"] = [f"model.alignment.objective={args.objectives[0]}",
-                                         "model.alignment.weight=0"]
+                                         "model.alignment.weight=0", "train.stages=[]"]
+    pretrain = []
+    if args.pretrain_epochs > 0:
+        n = args.pretrain_epochs
+        pretrain = [
+            "train.stages=[{name: align, overrides: {model.alignment.task_weight: 0, model.alignment.weight: 1.0, "
+            f"train.train_only: ['encoders.*', 'alignment_proj.*'], train.epochs: {n}, train.eval_every_epochs: {n}, "
+            "train.test_at_end: false}}, {name: fuse, overrides: {}}]"]
     for obj in args.objectives:
-        runs[f"fusion + {obj}"] = [f"model.alignment.objective={obj}"]
+        name = f"fusion + {obj}" + (f" (pre-trained {args.pretrain_epochs} epochs)" if pretrain else "")
+        runs[name] = [f"model.alignment.objective={obj}", *pretrain]
     results = {}
     for name, extra in runs.items():
         for seed in args.seeds:

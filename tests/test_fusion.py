@@ -197,6 +197,42 @@ def test_alignment_term_enters_the_loss_and_reaches_the_encoders():
     assert not any("alignment" in k for k in plain.trainable_state_dict())
 
 
+def test_task_weight_scales_the_head_loss():
+    torch.manual_seed(0)
+    model, batch, _ = _model_and_batch("hsi+sar", ["model.alignment.weight=0.5", "model.alignment.task_weight=0.25"])
+    model.train()
+    out = model(batch)
+    torch.testing.assert_close(out.loss.detach(), 0.25 * out.extras["task_loss"] - 0.5 * out.extras["alignment"])
+
+
+def test_alignment_only_training_skips_the_llm_and_the_head():
+    torch.manual_seed(0)
+    model, batch, _ = _model_and_batch("hsi+sar", ["model.alignment.weight=2", "model.alignment.task_weight=0"])
+    model.train()
+
+    def refuse(module, args):
+        raise AssertionError(f"an alignment-only training batch ran {type(module).__name__}")
+
+    hooks = [m.register_forward_pre_hook(refuse) for m in (model._llm.decoder, model.head, model.bridge)]
+    out = model(batch)
+    score = model.alignment(*model.pooled_features(model.encode_tokens(batch)))
+    torch.testing.assert_close(out.loss.detach(), -2 * score.detach())
+    assert set(out.extras) == {"alignment"} and not out.predictions
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoders.parameters() if p.requires_grad)
+    assert all(p.grad is None for p in model.head.parameters())
+    # Evaluation runs the whole model: predictions come from the head as usual.
+    for hook in hooks:
+        hook.remove()
+    model.eval()
+    with torch.no_grad():
+        assert model(batch).predictions["logits"].shape == (16, 8)
+    with pytest.raises(ValueError, match="task_weight must be >= 0"):
+        _model_and_batch("hsi+sar", ["model.alignment.task_weight=-1"])
+    with pytest.raises(ValueError, match="needs weight > 0"):
+        _model_and_batch("hsi+sar", ["model.alignment.task_weight=0", "model.alignment.weight=0"])
+
+
 def test_alignment_needs_two_encoders():
     with pytest.raises(ValueError, match="at least two encoders"):
         _model_and_batch("hsi+sar", ["model.encoders=[{type: raster_patch, args: {key: sar, in_channels: 4, "
@@ -219,3 +255,58 @@ def test_fusion_trains_end_to_end(tmp_path, modality, objective, optimizer):
 
     reloaded = AllSpark.from_pretrained(tmp_path / "run" / "best")
     assert reloaded.alignment is not None
+
+
+def test_alignment_pretraining_stage_then_fusion(tmp_path):
+    """An alignment-only stage (task_weight 0, encoders and projections only, no test pass) feeds the fusion
+    stage, which starts from its weights."""
+    from safetensors.torch import load_file
+
+    from allspark.training import train
+
+    stages = ("train.stages=[{name: align, overrides: {model.alignment.task_weight: 0, train.test_at_end: false, "
+              "train.train_only: ['encoders.*', 'alignment_proj.*']}}, {name: fuse, overrides: {}}]")
+    cfg = load_config("hsi+sar", overrides=[*TINY, stages])
+    metrics = train(cfg, tmp_path / "run")
+    assert "OA" in metrics and set(metrics["stages"]) == {"align", "fuse"}
+    assert "OA" not in metrics["stages"]["align"] and "OA" in metrics["stages"]["fuse"]
+    align = [json.loads(x) for x in (tmp_path / "run" / "stage1-align" / "log.jsonl").read_text().splitlines()]
+    fuse = [json.loads(x) for x in (tmp_path / "run" / "stage2-fuse" / "log.jsonl").read_text().splitlines()]
+    assert any("train/alignment" in r for r in align) and not any("train/task_loss" in r for r in align)
+    assert not any(k.startswith("test/") for r in align for k in r)
+    assert any("train/task_loss" in r for r in fuse) and any("test/OA" in r for r in fuse)
+    # The alignment stage moved the encoders and projections and nothing else.
+    start = load_file(str(tmp_path / "run" / "stage1-align" / "best" / "model.safetensors"))
+    end = load_file(str(tmp_path / "run" / "best" / "model.safetensors"))
+    assert any(not torch.equal(start[k], end[k]) for k in start if k.startswith("head."))
+    from accelerate.utils import set_seed
+
+    from allspark.data import build_dataset
+    from allspark.model import AllSpark
+
+    set_seed(cfg.seed)  # as train() does before it builds the model
+    sets = [build_dataset(cfg, split) for split in ("train", "val", "test")]
+    fresh = AllSpark(cfg, sets[0].info()).trainable_state_dict()
+    moved = {k for k in start if not torch.equal(start[k], fresh[k])}
+    assert moved and all(k.startswith(("encoders.", "alignment_proj.")) for k in moved)
+
+
+def test_fusion_probe_fits_separable_classes():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "fusion_probe.py"
+    spec = importlib.util.spec_from_file_location("fusion_probe", path)
+    probe_mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe_mod)
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[4.0, 0.0], [0.0, 4.0], [-4.0, -4.0]])
+    y = torch.arange(3).repeat_interleave(20)
+    x = centres[y] + 0.5 * torch.randn(60, 2, generator=g)
+    lin = probe_mod.fit_probe(x, y, 3)
+    assert (lin(x.double()).argmax(-1) == y).all()
+    # A heavier L2 penalty shrinks the weights.
+    strong = probe_mod.fit_probe(x, y, 3, l2=1000.0)
+    assert strong.weight.norm() < 0.5 * lin.weight.norm()
+    with pytest.raises(ValueError, match=r"expected x \[n, d\] and y \[n\]"):
+        probe_mod.fit_probe(x, y[:10], 3)
