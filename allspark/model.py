@@ -171,12 +171,7 @@ class AllSpark(nn.Module):
         """Per encoder: masked mean of its tokens, projected to ``model.alignment.dim`` -> [B, dim]."""
         if self.alignment_proj is None:
             raise ValueError("pooled_features needs model.alignment.objective to be set")
-        out = []
-        for tokens, proj in zip(token_sets, self.alignment_proj):
-            mask = tokens.mask.unsqueeze(-1).to(tokens.tokens.dtype)
-            pooled = (tokens.tokens * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-            out.append(proj(pooled.float()))
-        return out
+        return [proj(tokens.mean().float()) for tokens, proj in zip(token_sets, self.alignment_proj)]
 
     def alignment_score(self, token_sets: list[Tokens], features: list[torch.Tensor] | None = None
                         ) -> torch.Tensor | None:

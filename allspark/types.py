@@ -26,6 +26,11 @@ class Tokens:
         if self.mask.dtype != torch.bool:
             raise ValueError(f"Tokens.mask must be bool, got {self.mask.dtype}")
 
+    def mean(self) -> torch.Tensor:
+        """Mean over the real (mask) positions -> [B, d] (zeros for a row with none)."""
+        mask = self.mask.unsqueeze(-1).to(self.tokens.dtype)
+        return (self.tokens * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
     @classmethod
     def dense(cls, tokens: torch.Tensor) -> "Tokens":
         """Tokens with no padding."""

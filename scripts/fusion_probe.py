@@ -49,14 +49,17 @@ def fit_probe(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float = 1.
 
 @torch.no_grad()
 def representations(model: AllSpark, split: str, with_llm: bool, batch_size: int = 256) -> dict[str, torch.Tensor]:
+    if not len(model.encoders):
+        raise ValueError("the model has no modality encoder to probe")
     ds = build_dataset(model.cfg, split)
+    if not isinstance(getattr(ds, "labels", None), torch.Tensor):
+        raise ValueError(f"{type(ds).__name__} has no per-sample label tensor (the probes need a classification set)")
     keep = (ds.labels >= 0).nonzero().flatten().tolist()
     out: dict[str, list[torch.Tensor]] = {}
     for start in range(0, len(keep), batch_size):
         batch = ds.collate([ds[i] for i in keep[start:start + batch_size]])
         token_sets = model.encode_tokens(batch)
-        pooled = [(t.tokens * t.mask.unsqueeze(-1)).sum(1) / t.mask.sum(1, keepdim=True) for t in token_sets]
-        out.setdefault("encoders", []).append(torch.cat(pooled, dim=-1).float())
+        out.setdefault("encoders", []).append(torch.cat([t.mean() for t in token_sets], dim=-1).float())
         out.setdefault("label", []).append(batch["label"])
         if with_llm:
             llm_out = model.run_llm(batch, token_sets)
@@ -72,10 +75,16 @@ def main(argv=None) -> int:
     p.add_argument("--encoders-only", action="store_true", help="probe the encoders only (no LLM forward)")
     p.add_argument("--l2", type=float, default=1.0)
     args = p.parse_args(argv)
-    model = AllSpark.from_pretrained(args.checkpoint)
+    try:
+        model = AllSpark.from_pretrained(args.checkpoint)
+    except (FileNotFoundError, ValueError) as exc:
+        p.error(str(exc))
     model.eval()
-    train = representations(model, "train", not args.encoders_only)
-    test = representations(model, "test", not args.encoders_only)
+    try:
+        train = representations(model, "train", not args.encoders_only)
+        test = representations(model, "test", not args.encoders_only)
+    except ValueError as exc:
+        p.error(f"{args.checkpoint}: {exc}")
     num_classes = int(model.info.get("num_classes", int(train["label"].max()) + 1))
     result: dict[str, float] = {}
     if "pred" in test:

@@ -71,3 +71,11 @@ def test_all_padding_row_is_an_error():
     bridge = _bridge()
     with pytest.raises(ValueError, match="no real modality token"):
         bridge([Tokens(torch.randn(1, 3, 16), torch.zeros(1, 3, dtype=torch.bool))])
+
+
+def test_tokens_mean_skips_padding():
+    tokens = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]], [[5.0, 6.0], [0.0, 0.0], [0.0, 0.0]]])
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    torch.testing.assert_close(Tokens(tokens, mask).mean(), torch.tensor([[2.0, 3.0], [5.0, 6.0]]))
+    empty = Tokens(tokens, torch.zeros(2, 3, dtype=torch.bool))
+    assert torch.equal(empty.mean(), torch.zeros(2, 2))

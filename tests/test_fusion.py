@@ -275,10 +275,11 @@ def test_alignment_pretraining_stage_then_fusion(tmp_path):
     assert any("train/alignment" in r for r in align) and not any("train/task_loss" in r for r in align)
     assert not any(k.startswith("test/") for r in align for k in r)
     assert any("train/task_loss" in r for r in fuse) and any("test/OA" in r for r in fuse)
-    # The alignment stage moved the encoders and projections and nothing else.
+    # The fusion stage starts from the alignment stage's weights and trains the head too ...
     start = load_file(str(tmp_path / "run" / "stage1-align" / "best" / "model.safetensors"))
     end = load_file(str(tmp_path / "run" / "best" / "model.safetensors"))
     assert any(not torch.equal(start[k], end[k]) for k in start if k.startswith("head."))
+    # ... while the alignment stage moved the encoders and projections and nothing else.
     from accelerate.utils import set_seed
 
     from allspark.data import build_dataset
