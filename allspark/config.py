@@ -111,22 +111,29 @@ class PromptConfig:
 
 @dataclass
 class AlignmentConfig:
-    """Auxiliary correlation loss between the encoders' pooled features (off unless ``objective`` is set).
+    """Auxiliary correlation loss between the modalities' pooled features (off unless ``objective`` is set).
 
-    Each encoder's tokens are mean-pooled over the real (mask) positions and projected to ``dim`` by a
-    per-encoder linear layer; the registered objective (``allspark.objectives``) scores every pair and
-    the loss becomes ``task_weight * head loss - weight * score`` (minimising it maximises the correlation).
+    Per modality, its encoder's tokens are mean-pooled over the real (mask) positions (``level: encoders``), or
+    the bridge runs on that modality alone and its output tokens are averaged (``level: bridge``); a
+    per-modality linear layer projects the result to ``dim``; the registered objective (``allspark.objectives``)
+    scores every pair and the loss becomes ``task_weight * head loss - weight * score`` (minimising it maximises
+    the correlation).
     """
 
     #: a name in the OBJECTIVES registry (soft_hgr, unifast_hgr, optfast_hgr, deep_cca, soft_cca, ...)
     objective: str | None = None
     weight: float = 0.1
     #: weight of the head's (task) loss. 0 makes an alignment-only stage: training batches run the encoders
-    #: and the objective alone (the LLM and the head are skipped), e.g. to pre-train the encoders on the
-    #: maximal-correlation features of unlabelled pairs before the task stage (see configs/hsi+lidar.yaml)
+    #: (and the bridge at ``level: bridge``) and the objective alone (the LLM and the head are skipped), e.g.
+    #: to pre-train the encoders on the maximal-correlation features of unlabelled pairs before the task stage
+    #: (see configs/hsi+lidar.yaml)
     task_weight: float = 1.0
     #: width of the common space the pooled features are projected to
     dim: int = 64
+    #: where the features come from: ``encoders`` (each encoder's mean token) or ``bridge`` (the mean bridge
+    #: token of a pass that sees one modality only, the others masked out: the objective then also trains the
+    #: bridge, which is where the language-model path loses most of what the encoders carry)
+    level: str = "encoders"
     args: dict[str, Any] = field(default_factory=dict)
 
 

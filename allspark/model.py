@@ -121,6 +121,8 @@ class AllSpark(nn.Module):
             )
         if acfg.dim < 1:
             raise ValueError(f"model.alignment.dim must be >= 1, got {acfg.dim}")
+        if acfg.level not in ("encoders", "bridge"):
+            raise ValueError(f"model.alignment.level must be 'encoders' or 'bridge', got {acfg.level!r}")
         if acfg.task_weight < 0 or (acfg.task_weight == 0 and acfg.weight <= 0):
             raise ValueError(
                 f"model.alignment.task_weight must be >= 0, and an alignment-only stage (task_weight=0) needs "
@@ -129,7 +131,8 @@ class AllSpark(nn.Module):
         from allspark.objectives import build_objective
 
         self.alignment = build_objective({"type": acfg.objective, **acfg.args})
-        self.alignment_proj = nn.ModuleList(nn.Linear(e.out_dim, acfg.dim) for e in self.encoders)
+        widths = [e.out_dim if acfg.level == "encoders" else self.hidden_size for e in self.encoders]
+        self.alignment_proj = nn.ModuleList(nn.Linear(w, acfg.dim) for w in widths)
 
     def _bridge_output_scale(self, setting: float | str) -> float:
         if setting == "embedding":
@@ -167,10 +170,20 @@ class AllSpark(nn.Module):
         """Modality data (or already computed token sets) -> bridge tokens ``s_i`` [B, N, D]."""
         return self.bridge(self.encode_tokens(batch) if token_sets is None else token_sets)
 
+    @staticmethod
+    def _only(token_sets: list[Tokens], i: int) -> list[Tokens]:
+        """The token sets with every set but the ``i``-th masked out (a bridge pass that sees one modality)."""
+        return [ts if j == i else Tokens(ts.tokens, torch.zeros_like(ts.mask)) for j, ts in enumerate(token_sets)]
+
     def pooled_features(self, token_sets: list[Tokens]) -> list[torch.Tensor]:
-        """Per encoder: masked mean of its tokens, projected to ``model.alignment.dim`` -> [B, dim]."""
+        """Per modality, projected to ``model.alignment.dim`` -> [B, dim]: the masked mean of its encoder's tokens
+        (``model.alignment.level: encoders``), or the mean bridge token of a bridge pass that sees that modality
+        alone (``bridge``: the objective then also trains the bridge to keep what the modalities share)."""
         if self.alignment_proj is None:
             raise ValueError("pooled_features needs model.alignment.objective to be set")
+        if self.cfg.model.alignment.level == "bridge":
+            return [proj(self.bridge(self._only(token_sets, i)).mean(dim=1).float())
+                    for i, proj in enumerate(self.alignment_proj)]
         return [proj(tokens.mean().float()) for tokens, proj in zip(token_sets, self.alignment_proj)]
 
     def alignment_score(self, token_sets: list[Tokens], features: list[torch.Tensor] | None = None
@@ -218,7 +231,8 @@ class AllSpark(nn.Module):
         token_sets = self.encode_tokens(batch)
         features = self.pooled_features(token_sets)
         if self.training and acfg.task_weight == 0:
-            # Alignment-only training: the encoders and their projections learn the objective alone.
+            # Alignment-only training: the encoders (and the bridge at level ``bridge``) and the projections
+            # learn the objective alone.
             score = self.alignment_score(token_sets, features)
             if score is None:  # a batch of one sample: nothing to correlate, a zero loss kept in the graph
                 return Output(torch.cat(features, dim=-1).sum() * 0.0)

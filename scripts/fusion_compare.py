@@ -70,10 +70,11 @@ def main(argv=None) -> int:
                                          "model.alignment.weight=0", "train.stages=[]"]
     pretrain = []
     if args.pretrain_epochs > 0:
+        # The bridge only trains there with model.alignment.level=bridge (otherwise the stage does not run it).
         n = args.pretrain_epochs
         pretrain = [
             "train.stages=[{name: align, overrides: {model.alignment.task_weight: 0, model.alignment.weight: 1.0, "
-            f"train.train_only: ['encoders.*', 'alignment_proj.*'], train.epochs: {n}, train.eval_every_epochs: {n}, "
+            f"train.train_only: ['encoders.*', 'alignment_proj.*', 'bridge.*'], train.epochs: {n}, train.eval_every_epochs: {n}, "
             "train.test_at_end: false}}, {name: fuse, overrides: {}}]"]
     for obj in args.objectives:
         name = f"fusion + {obj}" + (f" (pre-trained {args.pretrain_epochs} epochs)" if pretrain else "")

@@ -13,6 +13,7 @@ from allspark.data import DatasetFormatError, demo_root
 from allspark.data.berlin import BerlinHSISAR
 from allspark.data.houston2018 import Houston2018HSILiDAR
 from allspark.data.paired_raster import map_to_grid
+from allspark.types import Tokens
 
 TINY = ["model.llm.name=tiny", "model.llm.dtype=float32", "train.epochs=1", "train.max_steps=4",
         "train.log_every_steps=1", "data.eval_batch_size=512"]
@@ -311,3 +312,29 @@ def test_fusion_probe_fits_separable_classes():
     assert strong.weight.norm() < 0.5 * lin.weight.norm()
     with pytest.raises(ValueError, match=r"expected x \[n, d\] and y \[n\]"):
         probe_mod.fit_probe(x, y[:10], 3)
+
+
+def test_bridge_level_alignment_correlates_single_modality_bridge_passes():
+    """``model.alignment.level: bridge``: each modality's feature is the mean bridge token of a pass that sees it
+    alone (the other token set masked out), so the objective's gradient reaches the bridge too."""
+    torch.manual_seed(0)
+    model, batch, cfg = _model_and_batch("hsi+sar", ["model.alignment.level=bridge", "model.alignment.weight=0.5"])
+    model.train()
+    token_sets = model.encode_tokens(batch)
+    features = model.pooled_features(token_sets)
+    hsi, sar = token_sets
+    no_sar = Tokens(sar.tokens, torch.zeros_like(sar.mask))
+    torch.testing.assert_close(features[0], model.alignment_proj[0](model.bridge([hsi, no_sar]).mean(1)))
+    # the SAR pass does not read the HSI tokens: changing them leaves its feature unchanged
+    other = Tokens(hsi.tokens + torch.randn_like(hsi.tokens), hsi.mask)
+    torch.testing.assert_close(model.pooled_features([other, sar])[1], features[1])
+    assert not torch.allclose(model.pooled_features([other, sar])[0], features[0])
+    out = model(batch)
+    torch.testing.assert_close(out.loss.detach(), out.extras["task_loss"] - 0.5 * out.extras["alignment"])
+    model.zero_grad()
+    (-model.alignment_score(token_sets)).backward()
+    assert model.bridge.queries.grad is not None and model.bridge.queries.grad.abs().sum() > 0
+    assert all(p.weight.grad.abs().sum() > 0 for p in model.alignment_proj)
+    assert model.alignment_proj[0].in_features == model.hidden_size
+    with pytest.raises(ValueError, match="level must be 'encoders' or 'bridge'"):
+        _model_and_batch("hsi+sar", ["model.alignment.level=llm"])
