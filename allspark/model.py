@@ -225,12 +225,13 @@ class AllSpark(nn.Module):
         return LLMOutput(hidden, mask, last, self.num_modality_tokens, modality_input=modality)
 
     def forward(self, batch: dict[str, Any]) -> Output:
-        if self.alignment is None:
+        if self.alignment is None or not self.training:
+            # The objective's score only enters the training loss (and its log): evaluation skips it.
             return self.head(self.run_llm(batch), batch)
         acfg = self.cfg.model.alignment
         token_sets = self.encode_tokens(batch)
         features = self.pooled_features(token_sets)
-        if self.training and acfg.task_weight == 0:
+        if acfg.task_weight == 0:
             # Alignment-only training: the encoders (and the bridge at level ``bridge``) and the projections
             # learn the objective alone.
             score = self.alignment_score(token_sets, features)
@@ -240,7 +241,7 @@ class AllSpark(nn.Module):
         out = self.head(self.run_llm(batch, token_sets), batch)
         score = self.alignment_score(token_sets, features)
         if score is not None:
-            # Minimising ``task_weight * loss - weight * score`` maximises the correlation of the encoders' features.
+            # Minimising ``task_weight * loss - weight * score`` maximises the correlation of the modalities' features.
             out.extras["alignment"] = score.detach()
             if out.loss is not None:
                 out.extras["task_loss"] = out.loss.detach()

@@ -13,7 +13,8 @@ them before ``--seeds`` / ``--objectives`` (which take several values) or after 
     python scripts/fusion_compare.py --modality hsi+sar --out /tmp/cmp --seeds 0 1 2 -- model.llm.name=tiny
 
 ``--pretrain-epochs N`` gives the objective runs an alignment-only first stage of N epochs (the objective alone
-on the encoders and their projections at weight 1: no label, no LLM; ``model.alignment.task_weight=0``) before
+on the encoders, the bridge at ``model.alignment.level=bridge``, and the projections at weight 1: no label, no
+LLM; ``model.alignment.task_weight=0``) before
 the usual training; add ``model.alignment.weight=0`` to the overrides to train the second stage on the task loss alone.
 """
 from __future__ import annotations

@@ -336,5 +336,15 @@ def test_bridge_level_alignment_correlates_single_modality_bridge_passes():
     assert model.bridge.queries.grad is not None and model.bridge.queries.grad.abs().sum() > 0
     assert all(p.weight.grad.abs().sum() > 0 for p in model.alignment_proj)
     assert model.alignment_proj[0].in_features == model.hidden_size
+    # Training runs the bridge three times (the fused pass and one per modality); evaluation only once.
+    calls = []
+    hook = model.bridge.register_forward_pre_hook(lambda module, args: calls.append(1))
+    model(batch)
+    assert len(calls) == 3
+    calls.clear()
+    model.eval()
+    with torch.no_grad():
+        assert model(batch).predictions["logits"].shape == (16, 8) and len(calls) == 1
+    hook.remove()
     with pytest.raises(ValueError, match="level must be 'encoders' or 'bridge'"):
         _model_and_batch("hsi+sar", ["model.alignment.level=llm"])
