@@ -20,7 +20,6 @@ TINY = ["model.llm.name=tiny", "model.llm.dtype=float32", "train.epochs=1", "tra
 READERS = {"hsi+sar": (BerlinHSISAR, "berlin", "sar"), "hsi+lidar": (Houston2018HSILiDAR, "houston2018", "lidar")}
 
 
-
 def test_map_to_grid_pixel_centres():
     rows, cols = np.array([0, 1, 2, 3, 47]), np.array([0, 1, 2, 3, 47])
     r, c = map_to_grid(rows, cols, (48, 48), (24, 24))
