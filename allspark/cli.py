@@ -52,6 +52,9 @@ def _train_parser() -> argparse.ArgumentParser:
                    help="resume from the newest checkpoint in the output dir, or from the given checkpoint dir")
     p.add_argument("--epochs", type=int, help="override train.epochs")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    p.add_argument("--recipe", help="a training recipe of the config's `recipes` block, e.g. 'paper' (Table II of the "
+                                    "paper, tuned for a 7B LLM on GPUs); default: the config's own values, sized "
+                                    "for the configured LLM")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.lr=1e-4 data.batch_size=16")
     return p
 
@@ -66,7 +69,8 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         overrides.append(f"train.epochs={args.epochs}")
     if args.max_steps is not None:
         overrides.append(f"train.max_steps={args.max_steps}")
-    cfg = load_config(args.modality, path=args.config, overrides=overrides, data_root=args.data_root)
+    cfg = load_config(args.modality, path=args.config, overrides=overrides, data_root=args.data_root,
+                      recipe=args.recipe)
     if cfg.modality != args.modality:
         raise ConfigError(f"--modality {args.modality!r} but the config is for {cfg.modality!r}")
     output_dir = args.output_dir or Path("runs") / args.modality

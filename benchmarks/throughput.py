@@ -8,6 +8,10 @@ a 2048^3 matmul). Numbers are printed as a table and saved as JSON; nothing here
     python benchmarks/throughput.py --modality hsi                 # demo-sized model, default LLM
     python benchmarks/throughput.py --modality hsi --llm tiny      # quick check of the script
     python benchmarks/throughput.py --modality hsi --paper         # the paper's encoder / bridge sizes
+    python benchmarks/throughput.py --modality hsi --dtypes auto   # the precision ``auto`` picks here
+
+Every run prints and saves (``auto_precision``) which precision ``dtype: auto`` picks on this machine and why
+(allspark.precision); an ``auto`` row is measured in that precision and records it.
 """
 from __future__ import annotations
 
@@ -29,8 +33,18 @@ sys.path.insert(0, str(ROOT))
 from allspark.config import load_config  # noqa: E402
 from allspark.data import build_dataset  # noqa: E402
 from allspark.model import AllSpark  # noqa: E402
+from allspark.precision import resolve_dtype, resolve_mixed_precision  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+LLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def auto_precision() -> dict:
+    """What ``dtype: auto`` picks for a CPU run here, and why."""
+    dtype, reason = resolve_dtype("auto", "cpu")
+    mixed, mixed_reason = resolve_mixed_precision("auto", "cpu")
+    return {"dtype": SHORT[dtype], "mixed_precision": mixed, "reason": reason, "mixed_precision_reason": mixed_reason}
 
 
 def peak_rss_mib() -> float:
@@ -64,8 +78,9 @@ def best_time(fn, repeats: int) -> float:
     return min(times)
 
 
-def bench_modality(modality: str, dtype_name: str, args) -> dict:
-    overrides = [f"model.llm.dtype={'bfloat16' if dtype_name == 'bf16' else 'float32'}"]
+def bench_modality(modality: str, requested: str, args) -> dict:
+    dtype_name = auto_precision()["dtype"] if requested == "auto" else requested
+    overrides = [f"model.llm.dtype={LLM_DTYPES[dtype_name]}"]
     if args.llm:
         overrides.append(f"model.llm.name={args.llm}")
     # The demo block applies when the data root is "demo"; --paper loads the config as for real data
@@ -81,7 +96,7 @@ def bench_modality(modality: str, dtype_name: str, args) -> dict:
     batch = dataset.collate([dataset[i] for i in range(batch_size)])
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
-    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if dtype_name == "bf16" else contextlib.nullcontext())
+    autocast = (torch.autocast("cpu", dtype=DTYPES[dtype_name]) if dtype_name != "fp32" else contextlib.nullcontext())
 
     def train_step():
         model.train()
@@ -114,6 +129,7 @@ def bench_modality(modality: str, dtype_name: str, args) -> dict:
     return {
         "modality": modality,
         "dtype": dtype_name,
+        "requested": requested,
         "llm": cfg.model.llm.name,
         "sizes": "paper" if args.paper else "demo",
         "batch_size": batch_size,
@@ -138,7 +154,8 @@ def bench_modality(modality: str, dtype_name: str, args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--modality", nargs="+", default=["hsi"])
-    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
+    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=[*DTYPES, "auto"],
+                   help="auto: the precision allspark picks on this machine (printed either way)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the config's (demo) batch size")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -148,6 +165,8 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    auto = auto_precision()
+    print(f"dtype auto picks {auto['dtype']} here ({auto['reason']}); autocast {auto['mixed_precision']}")
     rows = []
     for modality in args.modality:
         for dtype_name in args.dtypes:
@@ -156,7 +175,8 @@ def main() -> None:
               "train eff", "eval eff", "peak RSS MiB")
     print(" | ".join(header))
     for r in rows:
-        print(" | ".join([r["modality"], r["dtype"], str(r["batch_size"]), f"{r['train_samples_per_s']:.1f}",
+        dtype = r["dtype"] + (" (auto)" if r["requested"] == "auto" else "")
+        print(" | ".join([r["modality"], dtype, str(r["batch_size"]), f"{r['train_samples_per_s']:.1f}",
                           f"{r['eval_samples_per_s']:.1f}", f"{r['train_gflops']:.1f}", f"{r['matmul_gflops']:.1f}",
                           f"{r['train_efficiency']:.2f}", f"{r['eval_efficiency']:.2f}", f"{r['peak_rss_mib']:.0f}"]))
     machine = {"platform": platform.platform(), "processor": platform.processor(),
@@ -178,7 +198,7 @@ def main() -> None:
     fresh = {key(r) for r in rows}
     merged = [r for r in old if key(r) not in fresh] + rows
     merged.sort(key=key)
-    result = {"machine": machine, "results": merged}
+    result = {"machine": machine, "auto_precision": auto, "results": merged}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     from allspark.io import atomic_write_text
 

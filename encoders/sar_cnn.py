@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from allspark.registry import ENCODERS
+from allspark.sizing import from_data
 from allspark.types import Tokens, check_tensor
 
 __all__ = ["SARConvEncoder"]
@@ -26,17 +27,19 @@ __all__ = ["SARConvEncoder"]
 
 @ENCODERS.register("sar_cnn")
 class SARConvEncoder(nn.Module):
-    """``batch["image"]`` [B, in_chans, S, S] -> ``Tokens`` [B, (S / 8)^2, channels[-1]]."""
+    """``batch["image"]`` [B, in_chans, S, S] -> ``Tokens`` [B, (S / 8)^2, channels[-1]].
 
-    def __init__(self, in_chans: int = 1, image_size: int = 88, channels: Sequence[int] = (32, 64, 128),
+    ``in_chans`` and ``image_size`` default to the dataset's (info ``channels``, ``image_size``)."""
+
+    def __init__(self, in_chans: int | None = None, image_size: int | None = None, channels: Sequence[int] = (32, 64, 128),
                  kernel_sizes: Sequence[int] = (5, 5, 3), bn_momentum: float = 0.1, image_key: str = "image",
                  info: dict[str, Any] | None = None) -> None:
         super().__init__()
         if len(channels) != 3 or len(kernel_sizes) != 3:
             raise ValueError(f"sar_cnn: three layers, got channels={list(channels)}, kernel_sizes={list(kernel_sizes)}")
-        if info and "image_size" in info and int(info["image_size"]) != image_size:
-            raise ValueError(f"sar_cnn: image_size={image_size} but the dataset gives {info['image_size']} "
-                             "(model.encoders.*.args.image_size)")
+        # unset: the dataset's chip size and channel count (info ``image_size``, ``channels``); set: checked
+        image_size = from_data("sar_cnn", "image_size", image_size, info, "image_size")
+        in_chans = from_data("sar_cnn", "in_chans", in_chans, info, "channels", found="has {} channels")
         if image_size % 8:
             raise ValueError(f"sar_cnn: image_size {image_size} must be a multiple of 8 (three 2x2 pools)")
         layers, c_in = [], in_chans

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from allspark.registry import ENCODERS
+from allspark.sizing import as_int_list, from_data
 from allspark.types import Tokens, check_tensor
 
 
@@ -29,8 +30,15 @@ class TabularFieldEncoder(nn.Module):
                  ff_mult: int = 2, dropout: float = 0.1) -> None:
         super().__init__()
         info = info or {}
-        cards = list(cat_cardinalities if cat_cardinalities is not None else info.get("cat_cardinalities", []))
-        n_num = num_features if num_features is not None else len(info.get("num_columns", []))
+        # unset: the dataset's columns (info ``cat_cardinalities``, ``num_columns``); a kind of column neither
+        # the config nor the info names is absent; set: checked against the info
+        cards = [] if cat_cardinalities is None and "cat_cardinalities" not in info else from_data(
+            "tabformer", "cat_cardinalities", cat_cardinalities, info, "cat_cardinalities",
+            found="has discrete columns of cardinalities {}", convert=as_int_list)
+        # the info lists the continuous columns by name; their count sizes the encoder
+        counted = {"num_columns": len(info["num_columns"])} if info.get("num_columns") is not None else {}
+        n_num = 0 if num_features is None and not counted else from_data(
+            "tabformer", "num_features", num_features, counted, "num_columns", found="has {} continuous columns")
         if not cards and not n_num:
             raise ValueError("tabformer: no columns; give cat_cardinalities/num_features or a dataset info "
                              "with 'cat_cardinalities' and 'num_columns'")

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from allspark.registry import ENCODERS
+from allspark.sizing import from_data
 from allspark.types import Tokens, check_tensor
 
 
@@ -24,8 +25,10 @@ class TrajectoryEncoder(nn.Module):
                  depth: int = 2, heads: int = 4, ff_mult: int = 2, dropout: float = 0.1,
                  use_neighbours: bool = True, position_scale: float = 1.0) -> None:
         super().__init__()
-        info = info or {}
-        self.obs_len = int(obs_len if obs_len is not None else info.get("obs_len", 8))
+        # unset: the dataset's observed steps (info ``obs_len``); set: checked against it
+        self.obs_len = from_data("tutr", "obs_len", obs_len, info, "obs_len", found="observes {} steps")
+        if self.obs_len < 1:
+            raise ValueError(f"tutr: obs_len must be >= 1, got {self.obs_len}")
         self.out_dim = dim
         self.use_neighbours = use_neighbours
         #: metres are O(1) already; other units can be brought there without touching the data

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from allspark.registry import ENCODERS
+from allspark.sizing import from_data
 from allspark.types import Tokens, check_tensor
 
 __all__ = ["TubeSpec", "SparseTubeTokenizer", "TubeViTEncoder", "sincos_3d", "TUBEVIT_TUBES"]
@@ -111,14 +112,17 @@ class SparseTubeTokenizer(nn.Module):
 class TubeViTEncoder(nn.Module):
     """``batch[key]`` ``[B, C, T, H, W]`` (float, normalised) -> ``[B, n_tubes, dim]``.
 
+    ``num_frames``, ``image_size`` and ``in_channels`` default to the dataset's (info ``num_frames``,
+    ``image_size``, ``channels``).
+
     Paper sizes: 6 blocks (AllSpark); width 768 and 12 heads (TubeViT-B) on 32 x 224 x 224 clips.
     """
 
     def __init__(
         self,
-        num_frames: int = 32,
-        image_size: int = 224,
-        in_channels: int = 3,
+        num_frames: int | None = None,
+        image_size: int | None = None,
+        in_channels: int | None = None,
         dim: int = 768,
         depth: int = 6,
         heads: int = 12,
@@ -129,10 +133,10 @@ class TubeViTEncoder(nn.Module):
         info: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        for name, want in (("num_frames", num_frames), ("image_size", image_size), ("channels", in_channels)):
-            have = (info or {}).get(name)
-            if have is not None and have != want:
-                raise ValueError(f"tubevit: the config says {name}={want} but the dataset gives {have}")
+        # unset: the dataset's clip shape (info ``num_frames``, ``image_size``, ``channels``); set: checked
+        num_frames = from_data("tubevit", "num_frames", num_frames, info, "num_frames")
+        image_size = from_data("tubevit", "image_size", image_size, info, "image_size")
+        in_channels = from_data("tubevit", "in_channels", in_channels, info, "channels")
         if dim % heads:
             raise ValueError(f"tubevit: dim {dim} is not divisible by heads {heads}")
         self.num_frames, self.image_size, self.in_channels = num_frames, image_size, in_channels

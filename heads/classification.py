@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from allspark.registry import HEADS
+from allspark.sizing import from_data
 from allspark.types import LLMOutput, Output, pooled_size
 
 
@@ -15,14 +16,15 @@ from allspark.types import LLMOutput, Output, pooled_size
 class ClassificationHead(nn.Module):
     """Pooled hidden state -> class logits; cross-entropy against ``batch[label_key]``.
 
-    Labels equal to ``ignore_index`` (the readers use -1 for unlabelled samples) carry no loss. ``pooling``: see
-    :meth:`LLMOutput.pool` (e.g. ``last+bridge`` adds the bridge tokens entering the LLM as a skip path).
+    ``num_classes`` defaults to the dataset's (info ``num_classes``). Labels equal to ``ignore_index`` (the readers
+    use -1 for unlabelled samples) carry no loss. ``pooling``: see :meth:`LLMOutput.pool` (e.g. ``last+bridge``
+    adds the bridge tokens entering the LLM as a skip path).
     """
 
     def __init__(
         self,
         hidden_size: int,
-        num_classes: int,
+        num_classes: int | None = None,
         *,
         info: dict[str, Any] | None = None,
         pooling: str = "last",
@@ -31,11 +33,11 @@ class ClassificationHead(nn.Module):
         ignore_index: int = -1,
     ) -> None:
         super().__init__()
-        if info and "num_classes" in info and info["num_classes"] != num_classes:
-            raise ValueError(
-                f"classification head: the config says num_classes={num_classes} but the dataset has "
-                f"{info['num_classes']} classes"
-            )
+        # unset: the dataset's class count (info ``num_classes``); set: checked against it
+        num_classes = from_data("classification head", "num_classes", num_classes, info, "num_classes",
+                                where="model.head.args", found="has {} classes")
+        if num_classes < 2:
+            raise ValueError(f"classification head: needs num_classes >= 2, got {num_classes}")
         self.pooling = pooling
         self.label_key = label_key
         self.label_smoothing = label_smoothing

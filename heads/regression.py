@@ -7,6 +7,7 @@ dataset's statistics held as buffers (saved with the checkpoint, never trained).
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Sequence
 
 import torch
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from allspark.registry import HEADS
+from allspark.sizing import as_int_list, from_data
 from allspark.types import LLMOutput, Output, pooled_size
 
 
@@ -40,12 +42,14 @@ class RegressionHead(nn.Module):
     ) -> None:
         super().__init__()
         info = info or {}
-        if out_shape is None:
-            # a reader whose target size depends on the data (e.g. the number of sensors) says it here
-            out_shape = info.get("target_shape")
-            if out_shape is None:
-                raise ValueError("regression head: give out_shape, or a dataset info with 'target_shape'")
-        self.out_shape = (int(out_shape),) if isinstance(out_shape, int) else tuple(int(s) for s in out_shape)
+        # unset: the reader's target shape (info ``target_shape``, e.g. [horizon, number of sensors]); set:
+        # checked against it. A bare number is a shape of one dimension.
+        shape = from_data("regression head", "out_shape", out_shape, info, "target_shape", where="model.head.args",
+                          found="gives targets of shape {}",
+                          convert=lambda v: as_int_list([v] if isinstance(v, numbers.Real) else v))
+        self.out_shape = tuple(shape)
+        if not self.out_shape or min(self.out_shape) < 1:
+            raise ValueError(f"regression head: out_shape must list sizes >= 1, got {list(self.out_shape)}")
         mean = target_mean if target_mean is not None else info.get("target_mean", 0.0)
         std = target_std if target_std is not None else info.get("target_std", 1.0)
         mean_t = torch.as_tensor(mean, dtype=torch.float32)

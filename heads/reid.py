@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from allspark.registry import HEADS
+from allspark.sizing import from_data
 from allspark.types import LLMOutput, Output, pooled_size
 
 __all__ = ["ReIDHead", "cross_modal_infonce"]
@@ -35,12 +36,9 @@ class ReIDHead(nn.Module):
                  temperature: float = 0.1, label_key: str = "label",
                  info: dict[str, Any] | None = None) -> None:
         super().__init__()
-        if info and "num_classes" in info:
-            if num_classes is not None and num_classes != info["num_classes"]:
-                raise ValueError(f"reid head: num_classes={num_classes} but the dataset has {info['num_classes']} "
-                                 "training identities")
-            num_classes = info["num_classes"]
-        if not num_classes or num_classes < 2:
+        num_classes = from_data("reid head", "num_classes", num_classes, info, "num_classes",
+                                where="model.head.args", found="has {} training identities")
+        if num_classes < 2:
             raise ValueError(f"reid head: needs num_classes >= 2 training identities, got {num_classes}")
         self.pooling, self.label_key = pooling, label_key
         size = pooled_size(pooling, hidden_size)

@@ -11,14 +11,42 @@ from allspark.config import (
 )
 
 
-def test_hsi_config_loads_with_paper_schedule_for_real_data():
+def test_hsi_config_for_real_data_default_recipe_and_paper_recipe():
     cfg = load_config("hsi", data_root="/some/PaviaU")
-    assert cfg.modality == "hsi"
-    # Table II: HSI max lr 1e-4, 30 epochs, 3 warm-up epochs
-    assert cfg.train.lr == pytest.approx(1e-4)
-    assert cfg.train.epochs == 30 and cfg.train.warmup_epochs == 3
+    assert cfg.modality == "hsi" and cfg.recipe is None
+    # default recipe: the small-LLM learning rate, warm-up as a share of the run
+    assert cfg.train.lr == pytest.approx(1e-3) and cfg.train.warmup_ratio == pytest.approx(0.05)
     assert cfg.model.encoders[0].args["depth"] == 12
     assert cfg.model.bridge.num_queries == 32
+    # --recipe paper, Table II: HSI max lr 1e-4, 30 epochs, 3 warm-up epochs
+    paper = load_config("hsi", data_root="/some/PaviaU", recipe="paper")
+    assert paper.recipe == "paper" and paper.train.lr == pytest.approx(1e-4)
+    assert paper.train.epochs == 30 and paper.train.warmup_epochs == 3 and paper.train.warmup_ratio is None
+    # explicit overrides still win over the recipe
+    mine = load_config("hsi", data_root="/x", recipe="paper", overrides=["train.lr=3e-4"])
+    assert mine.train.lr == pytest.approx(3e-4)
+
+
+def test_unknown_recipe_lists_the_configs_recipes():
+    with pytest.raises(ConfigError, match=r"unknown recipe 'papr' for 'text'; did you mean 'paper'\?"):
+        load_config("text", recipe="papr")
+
+
+def test_warmup_steps_as_share_of_the_run_or_in_epochs(caplog):
+    from allspark.training import warmup_steps
+
+    cfg = load_config("text", data_root="/x")
+    assert warmup_steps(cfg.train, steps_per_epoch=10, total_steps=50) == 2  # round(0.05 * 50)
+    short = load_config("text", data_root="/x", overrides=["train.epochs=1"])
+    assert warmup_steps(short.train, steps_per_epoch=10, total_steps=10) == 0  # a shortened run keeps its share
+    paper = load_config("text", data_root="/x", recipe="paper", overrides=["train.epochs=1"])
+    with caplog.at_level("WARNING"):
+        # Table II's whole warm-up epoch in a one-epoch run: the learning rate never leaves its warm-up
+        assert warmup_steps(paper.train, steps_per_epoch=10, total_steps=10) == 10
+    assert "spans the whole run" in caplog.text
+    bad = load_config("text", data_root="/x", overrides=["train.warmup_ratio=1.5"])
+    with pytest.raises(ValueError, match=r"warmup_ratio must lie in \[0, 1\), got 1.5"):
+        warmup_steps(bad.train, 10, 50)
 
 
 def test_demo_block_applies_only_for_demo_and_overrides_win():

@@ -114,3 +114,82 @@ def test_encoder_shapes_graph_and_validation():
         enc(dict(batch, x=torch.randn(3, 12, 5, 1)))
     with pytest.raises(ValueError, match=r"batch\['tod'\]: expected integer indices in \[0, 24\)"):
         enc(dict(batch, tod=torch.full((3, 12), 30)))
+
+
+def _write_times(root, times, values, ids=("1", "2", "3")):
+    write_sensor_h5(root / "counts.h5", times, list(ids), values)
+    adj = np.eye(len(ids), dtype=np.float32)
+    with open(root / "adj_mx.pkl", "wb") as f:
+        pickle.dump((list(ids), {s: i for i, s in enumerate(ids)}, adj), f, protocol=2)
+
+
+def test_reader_puts_rows_with_gaps_on_the_regular_grid(tmp_path, caplog):
+    steps = 60
+    times = np.datetime64("2017-01-02T00:00:00") + np.arange(steps) * np.timedelta64(3600, "s")
+    values = (50 + np.arange(steps)[:, None] + np.arange(3)[None, :]).astype(np.float32)
+    keep = np.setdiff1d(np.arange(steps), [10, 11, 30])  # three hours absent from the file
+    _write_times(tmp_path, times[keep], values[keep])
+    with caplog.at_level("INFO", logger="allspark.data.metr_la"):
+        ds = TrafficSensorNetwork(tmp_path, "train")
+    assert [r.getMessage() for r in caplog.records if "time grid" in r.getMessage()] == [
+        f"graph: {tmp_path / 'counts.h5'}: 3 row(s) missing from the 3600-s time grid (57 rows in the file, "
+        "60 on the grid) filled with readings 0 (missing)"]
+    assert ds.num_added_rows == 3 and ds.interval == 3600 and len(ds.times) == 60
+    assert np.array_equal(ds.times, times.astype("datetime64[ns]"))
+    expected = values.copy()
+    expected[[10, 11, 30]] = 0.0
+    assert torch.equal(ds.values, torch.from_numpy(expected))
+    assert ds.mask[[10, 11, 30]].sum() == 0 and ds.mask.sum() == 57 * 3
+    assert ds.tod[12] == 12  # time of day follows the grid, not the row number of the file
+    assert len(ds) == 26  # the same windows as the complete file (60 - 24 + 1 = 37 -> 26 train)
+    assert ds[0]["target_mask"].all()  # targets rows 12..23
+    item = ds[7]  # targets rows 19..30: the last one was filled in -> 0, masked
+    assert item["target"][11].eq(0).all() and not item["target_mask"][11].any() and item["target_mask"][:11].all()
+    item = ds[19]  # inputs rows 19..30, targets 31..42; row 30 (the last input) missing -> forward fill
+    assert item["x"][11].eq(0).all() and item["last_value"].tolist() == values[29].tolist()
+    item = ds[2]  # targets rows 14..25; inputs rows 2..13 contain the missing rows 10 and 11
+    assert item["x"][8].eq(0).all() and item["x"][9].eq(0).all() and item["target_mask"].all()
+    test = TrafficSensorNetwork(tmp_path, "test")
+    assert len(test) == 7 and test.num_added_rows == 3
+
+
+def test_reader_reads_nan_readings_as_missing(tmp_path, caplog):
+    times = np.datetime64("2017-01-02T00:00:00") + np.arange(40) * np.timedelta64(300, "s")
+    values = np.full((40, 3), 60.0, dtype=np.float32)
+    values[3, 0] = values[7, 2] = np.nan
+    _write_times(tmp_path, times, values)
+    with caplog.at_level("INFO", logger="allspark.data.metr_la"):
+        ds = TrafficSensorNetwork(tmp_path, "train")
+    assert any("2 NaN reading(s) read as 0 (missing)" in r.getMessage() for r in caplog.records)
+    assert ds.values[3, 0] == 0 and ds.values[7, 2] == 0 and ds.mask.sum() == 118
+    assert ds.info()["target_mean"] == 60.0 and ds.num_added_rows == 0
+
+
+@pytest.mark.parametrize("case, message", [
+    ("off_grid", r"counts\.h5: row 20 \(2017-01-02T20:30:00\.000000000\) is off the regular time grid: expected every "
+                 r"timestamp to be 2017-01-02T00:00:00\.000000000 plus a multiple of the sampling interval 3600 s"),
+    ("duplicate", r"counts\.h5: timestamps must be strictly increasing, but row 21 \(2017-01-02T20:00:00\.000000000\) "
+                  r"repeats after row 20"),
+    ("backwards", r"counts\.h5: timestamps must be strictly increasing, but row 21 .* goes back in time after row 20"),
+    ("far_stamp", r"counts\.h5: filling the gaps of the 3600-s time grid would add 8745 empty rows to 40 rows of "
+                  r"readings; the largest gap is 364 days 10:00:00 between row 38"),
+    ("interval", r"counts\.h5: the sampling interval .* is 2\.5 s; expected a whole number of seconds that divides "
+                 r"a day"),
+])
+def test_reader_refuses_timestamps_off_one_regular_grid(tmp_path, case, message):
+    hours = np.arange(40, dtype=np.int64) * 3600
+    if case == "off_grid":
+        hours[20] += 1800
+    elif case == "duplicate":
+        hours[21] = hours[20]
+    elif case == "backwards":
+        hours[21] = hours[19] - 60
+    elif case == "far_stamp":
+        hours[-1] = 366 * 86400  # a year away: a bad stamp, not a gap
+    elif case == "interval":
+        hours = np.arange(40, dtype=np.int64) * 2500  # a 2.5-s spacing, in milliseconds
+    unit = "ms" if case == "interval" else "s"
+    times = np.datetime64("2017-01-02T00:00:00") + hours.astype(f"timedelta64[{unit}]")
+    _write_times(tmp_path, times, np.full((40, 3), 60.0, dtype=np.float32))
+    with pytest.raises(DatasetFormatError, match=message):
+        TrafficSensorNetwork(tmp_path, "train")

@@ -21,7 +21,7 @@ def test_registered_and_declares_its_interface():
     enc = ENCODERS.build({"type": "hsi_spectral", "dim": 32, "depth": 1}, optional={"info": {"num_bands": 103}})
     assert enc.out_dim == 32 and enc.input_keys == ("spectrum",)
     assert len(enc.transformer.layers) == 1
-    assert len(SpectralTransformer().transformer.layers) == 12  # paper: 12-layer encoder
+    assert len(SpectralTransformer(in_bands=103).transformer.layers) == 12  # paper: 12-layer encoder
 
 
 def test_one_token_per_band():

@@ -208,7 +208,7 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"dtype": "float16"}, r"dtype must be one of \['bfloat16', 'float32'\]"),
+        ({"dtype": "float64"}, r"dtype must be one of \['auto', 'bfloat16', 'float16', 'float32'\]"),
         ({"adapter": AdapterConfig(type="prefix")}, r"adapter.type must be one of \['lora', 'bottleneck', 'none'\]"),
     ],
 )
@@ -239,7 +239,7 @@ def test_local_folder_round_trip(tmp_path):
     merged = loaded.merge_adapters()
     merged.save_pretrained(tmp_path / "export")
     loaded.tokenizer.save_pretrained(tmp_path / "export")
-    again = load_llm(LLMConfig(name=str(tmp_path / "export"), adapter=AdapterConfig(type="none")))
+    again = load_llm(LLMConfig(name=str(tmp_path / "export"), dtype="float32", adapter=AdapterConfig(type="none")))
     ids = torch.tensor([[1, 5, 9]])
     with torch.no_grad():
         assert torch.allclose(again.model(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-5)

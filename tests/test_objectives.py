@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from allspark.objectives import build_objective
-from allspark.objectives.hgr import SoftHGR, soft_hgr_covariance, soft_hgr_gram
+from allspark.objectives.hgr import OptFastHGR, SoftHGR, UniFastHGR, soft_hgr_covariance, soft_hgr_gram
 from allspark.objectives.cca import DeepCCA, SoftCCA
 from allspark.registry import OBJECTIVES
 
@@ -33,13 +33,98 @@ def test_soft_hgr_forms_agree(b, d):
     torch.testing.assert_close(SoftHGR()(f, g), cov)
 
 
+@pytest.mark.parametrize("cls", [UniFastHGR, OptFastHGR])
 @pytest.mark.parametrize("b,d", [(8, 64), (64, 16), (33, 33)])
-def test_optfast_forms_agree(b, d):
-    from allspark.objectives.hgr import OptFastHGR
-
+def test_fast_hgr_forms_agree(cls, b, d):
     f, g = _pair(b, d)
-    torch.testing.assert_close(OptFastHGR(form="gram")(f, g), OptFastHGR(form="covariance")(f, g),
-                               rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(cls(form="gram")(f, g), cls(form="covariance")(f, g), rtol=1e-10, atol=1e-10)
+
+
+def _fast_hgr_reference(f, g, centred, eps=1e-8):
+    """The definition term by term: cosines of (centred) rows, explicit loops over a == b and a != b."""
+    if centred:
+        f, g = f - f.mean(0), g - g.mean(0)
+    fh = f / f.norm(dim=1, keepdim=True).clamp_min(eps)
+    gh = g / g.norm(dim=1, keepdim=True).clamp_min(eps)
+    b = f.shape[0]
+    paired = sum(torch.dot(fh[a], gh[a]) for a in range(b)) / b
+    cross = sum(torch.dot(fh[a], gh[c]) ** 2 for a in range(b) for c in range(b) if a != c) / (b * (b - 1))
+    return paired - 0.5 * cross
+
+
+@pytest.mark.parametrize("cls,centred", [(UniFastHGR, True), (OptFastHGR, False)])
+@pytest.mark.parametrize("form", ["gram", "covariance"])
+@pytest.mark.parametrize("b,d", [(2, 5), (7, 3), (12, 12), (9, 20)])
+def test_fast_hgr_matches_reference_value_and_gradient(cls, centred, form, b, d):
+    f, g = _pair(b, d, seed=b + d)
+    fr, gr = f.clone().requires_grad_(True), g.clone().requires_grad_(True)
+    fo, go = f.clone().requires_grad_(True), g.clone().requires_grad_(True)
+    ref = _fast_hgr_reference(fr, gr, centred)
+    ours = cls(form=form)(fo, go)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+    (ref * 0.7).backward()  # an incoming gradient other than 1
+    (ours * 0.7).backward()
+    torch.testing.assert_close(fo.grad, fr.grad, rtol=0, atol=1e-12)
+    torch.testing.assert_close(go.grad, gr.grad, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("cls", [UniFastHGR, OptFastHGR])
+@pytest.mark.parametrize("form", ["gram", "covariance"])
+def test_fast_hgr_gradcheck(cls, form):
+    f, g = _pair(6, 4, seed=3)
+    f.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x, y: cls(form=form)(x, y), (f, g.clone().requires_grad_(True)))
+    # Only one input needing a gradient (the other view frozen).
+    assert torch.autograd.gradcheck(lambda x: cls(form=form)(x, g), (f,))
+    assert torch.autograd.gradcheck(lambda y: cls(form=form)(f.detach(), y), (g.clone().requires_grad_(True),))
+
+
+def test_fast_hgr_hand_computed_values():
+    # Rows e1, e2, (1, 1) paired with themselves. OptFast: unit rows e1, e2, (1, 1)/sqrt 2, so S_aa = 1 and the
+    # off-diagonal cosines are 0, 1/sqrt 2, 1/sqrt 2 (twice each): 1 - 1/2 * 2 * (0 + 1/2 + 1/2) / 6 = 5/6.
+    # UniFast: centred rows (1, -2)/3, (-2, 1)/3, (1, 1)/3; cosines -4/5, -1/sqrt 10, -1/sqrt 10:
+    # 1 - 1/2 * 2 * (16/25 + 1/10 + 1/10) / 6 = 0.86.
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
+    for form in ("gram", "covariance"):
+        torch.testing.assert_close(OptFastHGR(form=form)(x, x), torch.tensor(5 / 6, dtype=torch.float64),
+                                   rtol=0, atol=1e-15)
+        torch.testing.assert_close(UniFastHGR(form=form)(x, x), torch.tensor(0.86, dtype=torch.float64),
+                                   rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("cls", [UniFastHGR, OptFastHGR])
+@pytest.mark.parametrize("form", ["gram", "covariance"])
+def test_fast_hgr_computes_in_float32_under_autocast_and_for_bfloat16(cls, form):
+    f, g = _pair(40, 24, dtype=torch.float32)
+    plain = cls(form=form)(f, g)
+    fa, ga = f.clone().requires_grad_(True), g.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = cls(form=form)(fa, ga)
+    inside.backward()  # the backward runs outside autocast: it must meet float32 saved tensors
+    assert inside.dtype == torch.float32 and fa.grad.dtype == torch.float32
+    torch.testing.assert_close(inside, plain, rtol=0, atol=0)
+    fb, gb = f.to(torch.bfloat16).requires_grad_(True), g.to(torch.bfloat16).requires_grad_(True)
+    score = cls(form=form)(fb, gb)
+    score.backward()
+    torch.testing.assert_close(score, cls(form=form)(fb.detach().float(), gb.detach().float()), rtol=0, atol=0)
+    assert fb.grad.dtype == torch.bfloat16 and gb.grad.dtype == torch.bfloat16
+
+
+def test_fast_hgr_auto_form_counts_multiply_adds():
+    # Gram (1 + k) B^2 d against covariance (2 + k) B d^2, k = inputs needing a gradient.
+    obj = UniFastHGR()
+    assert obj.chosen_form(100, 80, 2) == "gram"  # 300 < 320
+    assert obj.chosen_form(150, 100, 2) == "covariance"  # 450 > 400
+    assert obj.chosen_form(150, 100, 0) == "gram"  # 150 < 200
+    assert obj.chosen_form(200, 100, 0) == "covariance"  # 200 = 200
+    assert UniFastHGR(form="gram").chosen_form(4096, 8) == "gram"
+    f, g = _pair(150, 100)
+    with torch.no_grad():
+        scored = obj(f, g)  # Gram form (no gradient needed)
+    trained = obj(f.clone().requires_grad_(True), g.clone().requires_grad_(True))  # covariance form
+    torch.testing.assert_close(trained.detach(), scored, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="form"):
+        UniFastHGR(form="fast")
 
 
 def test_soft_hgr_is_minus_half_cca_svd_objective():

@@ -109,7 +109,7 @@ def test_missing_index_file_names_the_layout(demo):
 
 # -- encoder ---------------------------------------------------------------------------------------------
 def test_pointbert_tokens_and_input_checks():
-    enc = PointBERTEncoder(num_points=128, num_groups=16, group_size=8, dim=32, depth=1, heads=4)
+    enc = PointBERTEncoder(num_points=128, in_channels=3, num_groups=16, group_size=8, dim=32, depth=1, heads=4)
     out = enc({"points": torch.randn(2, 128, 3)})
     assert out.tokens.shape == (2, 17, 32) and out.mask.all() and enc.out_dim == 32
     with pytest.raises(ValueError, match=r"batch\['points'\]: expected shape \[B, 128, 3\], got \[2, 100, 3\]"):
@@ -119,7 +119,7 @@ def test_pointbert_tokens_and_input_checks():
     with pytest.raises(ValueError, match="NaN"):
         enc({"points": bad})
     with pytest.raises(ValueError, match="num_points=128 but the dataset gives 1024"):
-        PointBERTEncoder(num_points=128, num_groups=16, group_size=8, dim=32, depth=1, heads=4,
+        PointBERTEncoder(num_points=128, in_channels=3, num_groups=16, group_size=8, dim=32, depth=1, heads=4,
                          info={"num_points": 1024})
 
 
@@ -171,4 +171,4 @@ def test_pointbert_eval_mode_keeps_up_with_a_short_fast_run():
         acc = (head(enc(batch).tokens.mean(1)).argmax(1) == batch["label"]).float().mean().item()
     assert acc > 0.4, acc  # chance is 0.2; with momentum 0.1 this was 0.2 (one class)
     with pytest.raises(ValueError, match="bn_momentum"):
-        PointBERTEncoder(num_points=1024, dim=64, heads=4, bn_momentum=0.0)
+        PointBERTEncoder(num_points=1024, in_channels=3, dim=64, heads=4, bn_momentum=0.0)

@@ -84,7 +84,7 @@ def test_wheel_weights_load_fully_and_classify_a_real_photo():
 
 
 def test_frozen_backbone_tokens_stay_frozen_and_check_input():
-    enc = FrozenImageBackbone(image_size=64)
+    enc = FrozenImageBackbone(image_size=64, in_chans=3)
     assert enc.out_dim == 1280 and not any(p.requires_grad for p in enc.parameters())
     enc.train()
     assert not enc.backbone.training  # BatchNorm statistics never move

@@ -57,7 +57,7 @@ def test_reader_errors(demo, tmp_path):
 
 
 def test_encoder_tokens_and_checks():
-    enc = SARConvEncoder(image_size=88)
+    enc = SARConvEncoder(image_size=88, in_chans=1)
     out = enc({"image": torch.randn(2, 1, 88, 88)})
     assert out.tokens.shape == (2, 121, 128) and enc.out_dim == 128
     convs = [m for m in enc.features if isinstance(m, torch.nn.Conv2d)]
@@ -65,7 +65,7 @@ def test_encoder_tokens_and_checks():
     with pytest.raises(ValueError, match=r"batch\['image'\]: expected shape \[B, 1, 88, 88\], got \[2, 1, 64, 64\]"):
         enc({"image": torch.randn(2, 1, 64, 64)})
     with pytest.raises(ValueError, match="multiple of 8"):
-        SARConvEncoder(image_size=90)
+        SARConvEncoder(image_size=90, in_chans=1)
 
 
 def test_tiny_training_run_beats_chance(tmp_path):

@@ -62,6 +62,29 @@ def test_reader_rejects_csv_missing_a_column(tmp_path):
         PRSAAirQuality(tmp_path, "train")
 
 
+def test_reader_accepts_hours_missing_from_a_file(tmp_path):
+    rows = _rows("Dongsi", 30)
+    del rows[20], rows[10:13]  # four hours absent: 26 rows, each a sample of its own
+    _write_station(tmp_path / "PRSA_Data_Dongsi_20130301-20170228.csv", rows)
+    parts = [PRSAAirQuality(tmp_path, s) for s in ("train", "val", "test")]
+    assert sum(len(d) for d in parts) == 26
+    hours = sorted(h - 1 for d in parts for h in d.cat[:, 4].tolist())  # category = hour + 1
+    assert hours == sorted([*(set(range(24)) - {10, 11, 12, 20}), 0, 1, 2, 3, 4, 5])
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("hour", "24", r"line 4: column 'hour' must be a whole number in \[0, 23\], found 24"),
+    ("hour", "NA", r"line 4: column 'hour' must be a whole number in \[0, 23\], found NA \(missing\)"),
+    ("day", "1.5", r"line 4: column 'day' must be a whole number in \[1, 31\], found 1.5"),
+])
+def test_reader_rejects_bad_time_fields_naming_the_file(tmp_path, field, value, expected):
+    rows = [r.split(",") for r in _rows("Dongsi", 30)]
+    rows[2][PRSA_COLUMNS.index(field)] = value
+    _write_station(tmp_path / "PRSA_Data_Dongsi_20130301-20170228.csv", [",".join(r) for r in rows])
+    with pytest.raises(DatasetFormatError, match=r"PRSA_Data_Dongsi_20130301-20170228\.csv, " + expected):
+        PRSAAirQuality(tmp_path, "train")
+
+
 def test_reader_names_the_missing_files(tmp_path):
     with pytest.raises(DatasetFormatError, match="PRSA_Data_"):
         PRSAAirQuality(tmp_path, "train")

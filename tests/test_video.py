@@ -119,7 +119,7 @@ def test_sincos_positions_are_fixed_and_distinct():
 
 def test_tubevit_tokens_and_input_checks():
     tubes = [{"kernel": [4, 8, 8], "stride": [4, 8, 8]}, {"kernel": [8, 4, 4], "stride": [8, 8, 8], "offset": [0, 2, 2]}]
-    enc = TubeViTEncoder(num_frames=8, image_size=32, dim=24, depth=1, heads=4, tubes=tubes)
+    enc = TubeViTEncoder(num_frames=8, image_size=32, in_channels=3, dim=24, depth=1, heads=4, tubes=tubes)
     assert enc.num_tokens == 2 * 4 * 4 + 1 * 4 * 4
     out = enc({"video": torch.randn(2, 3, 8, 32, 32)})
     assert out.tokens.shape == (2, 48, 24) and enc.out_dim == 24
@@ -127,7 +127,8 @@ def test_tubevit_tokens_and_input_checks():
     with pytest.raises(ValueError, match=r"batch\['video'\]: expected shape \[B, 3, 8, 32, 32\], got \[2, 3, 6, 32, 32\]"):
         enc({"video": torch.randn(2, 3, 6, 32, 32)})
     with pytest.raises(ValueError, match="num_frames=8 but the dataset gives 16"):
-        TubeViTEncoder(num_frames=8, image_size=32, dim=24, depth=1, heads=4, tubes=tubes, info={"num_frames": 16})
+        TubeViTEncoder(num_frames=8, image_size=32, in_channels=3, dim=24, depth=1, heads=4, tubes=tubes,
+                       info={"num_frames": 16})
 
 
 def test_tiny_training_run_writes_top1(tmp_path):

@@ -13,6 +13,16 @@ from the files (so 5-minute METR-LA, PEMS-BAY and hourly counters all work).
 Pickle can run code on load, so ``adj_mx.pkl`` is read with a restricted unpickler that only rebuilds
 builtin containers and numpy arrays / dtypes / scalars and refuses everything else.
 
+Accepted beyond the official files (which are complete, evenly spaced and without NaN):
+- gaps in time: the sampling interval is inferred as the most common positive difference between
+  consecutive timestamps, and a row missing from that regular grid is added with every reading 0 (missing,
+  exactly as METR-LA marks a reading it did not get, so the masked loss and metrics skip it); the number
+  of added rows is logged. Refused, with the file and the offending row named: timestamps that repeat or
+  go backwards, a timestamp off the grid (not ``first + k * interval``), an interval that does not divide
+  a day, and a grid on which the added rows would outnumber the rows of the file (a stray timestamp far
+  away rather than a gap);
+- NaN readings (as other exports write a missing value): read as 0 (missing), with the count logged.
+
 Split: samples (windows) in time order, 0.7 / 0.1 / 0.2 train / val / test (DCRNN, STAEformer).
 Standardisation: mean and std of the observed (non-zero) readings of the training part of the series.
 Inputs: standardised readings, with missing ones set to 0 (the training mean), plus the time-of-day index
@@ -22,7 +32,9 @@ Inputs: standardised readings, with missing ones set to 0 (the training mean), p
 from __future__ import annotations
 
 import io
+import logging
 import pickle
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +45,10 @@ from allspark.data.base import DatasetFormatError, ModalityDataset
 from allspark.io import atomic_file
 from allspark.registry import DATASETS
 
-__all__ = ["TrafficSensorNetwork", "load_adjacency", "read_sensor_h5", "write_sensor_h5", "SafeUnpickler"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["TrafficSensorNetwork", "load_adjacency", "read_sensor_h5", "write_sensor_h5", "SafeUnpickler",
+           "regular_grid"]
 
 
 class SafeUnpickler(pickle.Unpickler):
@@ -93,6 +108,76 @@ def read_sensor_h5(path: Path):
     return df.index.values, [str(c) for c in df.columns], df.to_numpy(np.float32)
 
 
+def regular_grid(path: Path, timestamps, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Put the rows of ``path`` on their regular time grid.
+
+    ``timestamps`` [T] datetime64, ``values`` [T, N] -> (grid timestamps [T'] datetime64[ns], values [T', N]
+    with the rows absent from the file set to 0 (missing), the interval in seconds, the number of rows
+    added). The interval is the most common positive difference between consecutive timestamps (the
+    smallest of the most common ones on a tie). Raises :class:`DatasetFormatError`, naming the file and the
+    row, for timestamps that repeat, go backwards or lie off the grid, for an interval that is not a whole
+    number of seconds dividing a day, and when the added rows would outnumber the rows of the file.
+    """
+    ns = np.asarray(timestamps).astype("datetime64[ns]")
+    t = ns.astype(np.int64)
+    if len(t) < 2:
+        raise DatasetFormatError(f"graph: {path}: expected at least 2 time steps, found {len(t)}")
+    deltas = np.diff(t)
+    if (deltas <= 0).any():
+        k = int(np.argmax(deltas <= 0))
+        what = "repeats" if deltas[k] == 0 else "goes back in time"
+        raise DatasetFormatError(f"graph: {path}: timestamps must be strictly increasing, but row {k + 1} "
+                                 f"({ns[k + 1]}) {what} after row {k} ({ns[k]})")
+    steps, counts = np.unique(deltas, return_counts=True)
+    step = int(steps[np.argmax(counts)])  # np.unique sorts, argmax takes the first (smallest) on a tie
+    if step % 10**9 or (86400 * 10**9) % step:
+        raise DatasetFormatError(f"graph: {path}: the sampling interval (the most common spacing of the rows) "
+                                 f"is {step / 1e9:g} s; expected a whole number of seconds that divides a day")
+    off = (t - t[0]) % step != 0
+    if off.any():
+        k = int(np.argmax(off))
+        raise DatasetFormatError(
+            f"graph: {path}: row {k} ({ns[k]}) is off the regular time grid: expected every timestamp to be "
+            f"{ns[0]} plus a multiple of the sampling interval {step // 10**9} s (the most common spacing), "
+            f"found {(t[k] - t[0]) / 1e9:g} s after the first row"
+        )
+    length = int((t[-1] - t[0]) // step) + 1
+    added = length - len(t)
+    if added > len(t):
+        import pandas as pd
+
+        k = int(np.argmax(deltas))
+        raise DatasetFormatError(
+            f"graph: {path}: filling the gaps of the {step // 10**9}-s time grid would add {added} empty rows "
+            f"to {len(t)} rows of readings; the largest gap is {pd.Timedelta(int(deltas[k]), 'ns')} between "
+            f"row {k} ({ns[k]}) and row {k + 1} ({ns[k + 1]}); expected a series with occasional gaps"
+        )
+    grid = ns[0] + np.arange(length) * np.timedelta64(step, "ns")
+    if added:
+        full = np.zeros((length, values.shape[1]), dtype=values.dtype)
+        full[(t - t[0]) // step] = values
+        values = full
+    return grid, values, step // 10**9, added
+
+
+@lru_cache(maxsize=2)
+def _load_series(path: str, stamp: tuple) -> tuple[np.ndarray, list[str], np.ndarray, int, int, int]:
+    """The readings on their regular grid (cached: the three splits read the same file; ``stamp`` keys
+    the file's size and modification time). The arrays are read-only."""
+    times, columns, values = read_sensor_h5(Path(path))
+    nan = np.isnan(values)
+    if nan.any():
+        values = np.where(nan, np.float32(0), values)
+        logger.info("graph: %s: %d NaN reading(s) read as 0 (missing)", path, int(nan.sum()))
+    times, values, interval, added = regular_grid(Path(path), times, values)
+    if added:
+        logger.info("graph: %s: %d row(s) missing from the %d-s time grid (%d rows in the file, %d on the grid) "
+                    "filled with readings 0 (missing)", path, added, interval, len(times) - added, len(times))
+    times.flags.writeable = False
+    values.flags.writeable = False
+    return times, columns, values, interval, added, int(nan.sum())
+
+
 def write_sensor_h5(path: Path, timestamps, sensor_ids, values) -> None:
     import pandas as pd
 
@@ -121,7 +206,17 @@ def _find_one(root: Path, name: str | None, patterns: list[tuple[Path, str]], wh
 @DATASETS.register("metr_la")
 class TrafficSensorNetwork(ModalityDataset):
     """Items: ``x`` [T_in, N, 1] standardised, ``tod`` [T_in] / ``dow`` [T_in] long, ``target`` [T_out, N]
-    raw, ``target_mask`` [T_out, N] bool, ``last_value`` [N] (the last observed reading, for the baseline)."""
+    raw, ``target_mask`` [T_out, N] bool, ``last_value`` [N] (the last observed reading, for the baseline).
+
+    Public attributes (the whole series, the same in every split, for baselines that look further back
+    than a window; item ``i`` covers rows ``window_index()[0][i]`` in and ``window_index()[1][i]`` out):
+    ``values`` [T, N] float32 raw readings on the regular grid (0 = missing), ``mask`` [T, N] bool (True =
+    observed), ``filled`` [T, N] the last observed reading at or before each row (the training mean before
+    the first one; ``last_value`` of an item is ``filled`` at its last input row), ``times`` [T]
+    datetime64[ns], ``tod`` / ``dow`` [T], ``starts`` (the first input row of each item of this split),
+    ``input_len``, ``output_len``, ``steps_per_day``, ``interval`` (seconds), ``num_added_rows`` (rows the
+    file lacked and the grid got, all missing).
+    """
 
     demo_version = 1
 
@@ -131,7 +226,8 @@ class TrafficSensorNetwork(ModalityDataset):
         h5 = _find_one(self.root, h5_file, [(self.root, "*.h5")], "sensor readings (.h5)")
         adj_path = _find_one(self.root, adj_file, [(self.root, "adj*.pkl"), (self.root / "sensor_graph", "adj*.pkl")],
                              "adjacency (.pkl)")
-        times, columns, values = read_sensor_h5(h5)
+        stat = h5.stat()
+        times, columns, values, interval, added, _ = _load_series(str(h5), (stat.st_size, stat.st_mtime_ns))
         ids, adj = load_adjacency(adj_path)
         if set(ids) != set(columns) or len(ids) != len(columns):
             only_adj = sorted(set(ids) - set(columns))[:5]
@@ -145,14 +241,6 @@ class TrafficSensorNetwork(ModalityDataset):
         if len(times) < input_len + output_len + 10:
             raise DatasetFormatError(f"graph: {h5} has {len(times)} time steps; too few for "
                                      f"{input_len}+{output_len}-step windows")
-        deltas = np.diff(times).astype("timedelta64[s]").astype(np.int64)
-        interval = int(np.median(deltas))
-        if interval <= 0 or (deltas != interval).any():
-            bad = int(np.argmax(deltas != interval))
-            raise DatasetFormatError(f"graph: {h5}: rows must be evenly spaced in time; the interval is "
-                                     f"{interval} s but row {bad + 1} follows row {bad} after {deltas[bad]} s")
-        if 86400 % interval:
-            raise DatasetFormatError(f"graph: {h5}: sampling interval {interval} s does not divide a day")
         steps_per_day = 86400 // interval
         ts = times.astype("datetime64[s]").astype(np.int64)
         tod = (ts % 86400) // interval
@@ -179,6 +267,8 @@ class TrafficSensorNetwork(ModalityDataset):
             gap = filled[t] == 0
             filled[t][gap] = filled[t - 1][gap]
         self.filled = torch.from_numpy(filled)
+        self.times = times
+        self.num_added_rows = added
         self.starts = list(starts)
         self.input_len, self.output_len = input_len, output_len
         self.sensor_ids = columns
@@ -202,6 +292,13 @@ class TrafficSensorNetwork(ModalityDataset):
             "last_value": self.filled[e - 1],
             "index": torch.tensor(i),
         }
+
+    def window_index(self) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of the series in each item, in item order: (input rows [n, input_len], target rows
+        [n, output_len]) as int64 arrays."""
+        starts = np.asarray(self.starts, dtype=np.int64)[:, None]
+        return (starts + np.arange(self.input_len),
+                starts + self.input_len + np.arange(self.output_len))
 
     def info(self) -> dict[str, Any]:
         return {

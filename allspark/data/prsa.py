@@ -17,6 +17,13 @@ Missing-value policy (explicit, never silent):
   encoder replaces it with a learned per-column "missing" embedding (no imputation from other rows);
 - a missing wind direction becomes category 0, a learned "missing" embedding.
 
+Accepted beyond the official files (twelve complete hourly series): any number of station files matching
+the pattern, and hours absent from a file (gaps in the hourly series, rows in any order). Each row is a
+sample of its own -- the features are the row's time, station and measurements, nothing is read from
+neighbouring hours -- so a gap needs no filling: an absent hour is simply not a sample (filling it would
+only add rows whose PM2.5 is missing, which are dropped anyway). Refused, naming the file and the row: a
+missing or non-integer ``year``/``month``/``day``/``hour``, and a month, day or hour out of range.
+
 Split (paper: 40% train, the rest test): a seeded random 40% of the rows is the training pool, of which
 ``val_ratio`` is held out for model selection; the remaining 60% is the test split. Standardisation
 statistics of the features and of the target come from the training split only.
@@ -81,6 +88,16 @@ def read_station_csv(path: Path):
         if not pd.api.types.is_numeric_dtype(df[c]):
             bad = df[c][pd.to_numeric(df[c], errors="coerce").isna() & df[c].notna()].iloc[0]
             raise DatasetFormatError(f"PRSA: {path}: column {c!r} must be numeric (or NA), found {bad!r}")
+    for c, lo, hi in (("year", None, None), ("month", 1, 12), ("day", 1, 31), ("hour", 0, 23)):
+        col = df[c].to_numpy(np.float64)
+        bad = np.isnan(col) | (col != np.round(col))
+        if lo is not None:
+            bad |= (col < lo) | (col > hi)
+        if bad.any():
+            k = int(np.argmax(bad))
+            expected = "a whole number" + ("" if lo is None else f" in [{lo}, {hi}]")
+            found = "NA (missing)" if np.isnan(col[k]) else f"{col[k]:g}"
+            raise DatasetFormatError(f"PRSA: {path}, line {k + 2}: column {c!r} must be {expected}, found {found}")
     return df
 
 

@@ -25,6 +25,7 @@ __all__ = [
     "collect_predictions",
     "build_evaluator",
     "write_metrics",
+    "baseline_table",
 ]
 
 
@@ -63,6 +64,17 @@ class Evaluator:
     def compute(self, gathered: dict[str, np.ndarray]) -> dict[str, Any]:
         raise NotImplementedError
 
+    @property
+    def main_metric(self) -> tuple[str, bool] | None:
+        """(name, greater is better) of the metric a reader compares first; None: the run's
+        ``train.metric_for_best`` / ``train.greater_is_better``."""
+        return None
+
+    def compute_baseline(self, gathered: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Metrics of a classical baseline's predictions (``allspark.baselines``): ``compute`` unless the
+        protocol's model outputs hold more than a baseline predicts."""
+        return self.compute(gathered)
+
     def model_metrics(self, model, dataset, accelerator=None) -> dict[str, Any]:
         """Metrics that need the model itself beyond its per-batch predictions (ranking candidates across
         a split, generation); ``evaluate.py`` adds them to ``compute``'s. None by default."""
@@ -85,11 +97,36 @@ class Evaluator:
             if isinstance(v, dict) and v and all(isinstance(x, (int, float, type(None))) for x in v.values()):
                 lines += ["", f"### {k}", "", "| name | value |", "| --- | --- |"]
                 lines += [f"| {n} | {'-' if x is None else (f'{x:.4f}' if isinstance(x, float) else x)} |" for n, x in v.items()]
+        lines += baseline_table(metrics)
         for caption, name in figs:
             lines += ["", f"## {caption}", "", f"![{caption}]({name})"]
         path = out_dir / "report.md"
         atomic_write_text(path, "\n".join(lines) + "\n")
         return path
+
+
+def baseline_table(metrics: dict[str, Any], max_columns: int = 6) -> list[str]:
+    """Markdown lines: the model beside each baseline of ``metrics["baselines"]`` on the scalar metrics they
+    share (the main metric first)."""
+    baselines = metrics.get("baselines") or {}
+    if not baselines:
+        return []
+    main = metrics.get("main_metric")
+    shared = [k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+              and any(isinstance(b.get(k), (int, float)) for b in baselines.values())]
+    shared = [k for k in shared if k not in ("seconds", "num_samples", "num_processes")]
+    if main in shared:
+        shared.remove(main)
+        shared.insert(0, main)
+    cols = shared[:max_columns]
+    fmt = lambda v: "-" if not isinstance(v, (int, float)) else (f"{v:.4f}" if isinstance(v, float) else str(v))
+    lines = ["", "## Baselines (fitted on the training split, scored on this split)", "",
+             "| method | " + " | ".join(cols) + " | seconds |", "| --- |" + " --- |" * (len(cols) + 1),
+             "| **model** | " + " | ".join(fmt(metrics.get(k)) for k in cols) + " | |"]
+    for name, b in baselines.items():
+        label = f"{name} (probe of the trained model)" if b.get("probe") else name
+        lines.append(f"| {label} | " + " | ".join(fmt(b.get(k)) for k in cols) + f" | {fmt(b.get('seconds'))} |")
+    return lines
 
 
 def savefig(fig, path: Path) -> None:

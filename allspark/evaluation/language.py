@@ -80,6 +80,14 @@ class LanguageClassificationEvaluator(ClassificationEvaluator):
             model.train(was_training)
         return {"top1_untrained": correct / max(total, 1)}
 
+    def compute_baseline(self, gathered):
+        """A baseline predicts labels only: the classification metrics and the majority-class chance."""
+        metrics = ClassificationEvaluator.compute(self, gathered)
+        labels = np.asarray(gathered[self.label_key])
+        counts = np.bincount(labels[labels >= 0], minlength=self.info["num_classes"])
+        metrics["chance"] = float(counts.max() / max(counts.sum(), 1))
+        return metrics
+
     def compute(self, gathered):
         metrics = super().compute(gathered)
         labels = np.asarray(gathered[self.label_key])
@@ -129,6 +137,10 @@ class CodeDocumentationEvaluator(Evaluator):
         self.batch_size, self.chunk_size, self.examples = int(batch_size), int(chunk_size), int(examples)
         self._ranks: dict[str, np.ndarray] = {}
         self._samples: list[tuple[str, str, str]] = []
+
+    @property
+    def main_metric(self) -> tuple[str, bool]:
+        return "mrr", True  # validation selects on the docstring loss; the task is ranked by MRR
 
     def compute(self, gathered):
         nll = np.asarray(gathered["nll"], dtype=np.float64)
