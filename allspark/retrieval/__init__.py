@@ -9,6 +9,9 @@ hierarchical feature enhancement (HFE, Eq. 20-24) with V2TMap frozen. Pieces:
 - :mod:`allspark.retrieval.losses`: cross-process gathering with gradient, the symmetric InfoNCE loss
 - :mod:`allspark.retrieval.modules`: V2TMap and HFE
 - :mod:`allspark.retrieval.baseline`: test metrics of the untrained model (the reference a run must beat)
+- :mod:`allspark.retrieval.sampling`: LuoJiaHOG's geo-aware sampling (Moran's I, local Moran, Getis-Ord Gi*,
+  the region/class budget allocation of Eq. 1-12; ``scripts/geo_sampling.py``)
+- :mod:`allspark.retrieval.labels`: the three-level label tree, extensible from a file
 - the head ``contrastive_retrieval`` (heads/retrieval.py), the encoder ``image_pyramid``
   (encoders/image_pyramid.py), the readers ``rsicd_captions`` and ``luojiahog`` (allspark/data/captions.py),
   the metrics (allspark/metrics/retrieval.py) and the evaluator ``retrieval`` (allspark/evaluation/retrieval.py).
