@@ -183,8 +183,28 @@ def stdlib_functions(max_code_chars: int = 320, modules: tuple[str, ...] | None 
     skip = ("test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "turtledemo", "ensurepip")
     out, seen = [], set()
     paths = [stdlib / m for m in modules] if modules is not None else sorted(stdlib.rglob("*.py"))
+    for rel, node, doc, summary, original, code in documented_functions(paths, stdlib, skip):
+        if not 15 <= len(summary) <= 100 or summary in seen:
+            continue
+        if code is None or len(code) > max_code_chars or len(code.splitlines()) < 2:
+            continue
+        seen.add(summary)
+        out.append({
+            "repo": "python/cpython-stdlib", "path": str(rel), "func_name": node.name,
+            "original_string": original, "language": "python", "code": code,
+            "code_tokens": re.findall(r"\w+|[^\w\s]", code), "docstring": doc,
+            "docstring_tokens": re.findall(r"\w+|[^\w\s]", summary),
+        })
+    return out
+
+
+def documented_functions(paths, relative_to: Path, skip: tuple[str, ...] | set[str] = ()):
+    """Yield ``(relative path, node, docstring, summary, source, source without docstring)`` for every public
+    (not ``_``-prefixed) function with a docstring in the Python files ``paths``; files under a folder named in
+    ``skip`` or starting with ``test`` and files that do not parse are skipped. The source is dedented; the
+    docstring-free source is None when the docstring cannot be cut out cleanly."""
     for path in paths:
-        rel = path.relative_to(stdlib)
+        rel = path.relative_to(relative_to)
         if any(part in skip or part.startswith("test") for part in rel.parts):
             continue
         try:
@@ -198,21 +218,8 @@ def stdlib_functions(max_code_chars: int = 320, modules: tuple[str, ...] | None 
             doc = ast.get_docstring(node)
             if not doc:
                 continue
-            summary = docstring_summary(doc)
-            if not 15 <= len(summary) <= 100 or summary in seen:
+            segment = ast.get_source_segment(source, node)
+            if segment is None:
                 continue
-            original = ast.get_source_segment(source, node)
-            if original is None:
-                continue
-            original = textwrap.dedent(" " * node.col_offset + original)
-            code = strip_python_docstring(original)
-            if code is None or len(code) > max_code_chars or len(code.splitlines()) < 2:
-                continue
-            seen.add(summary)
-            out.append({
-                "repo": "python/cpython-stdlib", "path": str(rel), "func_name": node.name,
-                "original_string": original, "language": "python", "code": code,
-                "code_tokens": re.findall(r"\w+|[^\w\s]", code), "docstring": doc,
-                "docstring_tokens": re.findall(r"\w+|[^\w\s]", summary),
-            })
-    return out
+            original = textwrap.dedent(" " * node.col_offset + segment)
+            yield rel, node, doc, docstring_summary(doc), original, strip_python_docstring(original)

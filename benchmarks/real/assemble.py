@@ -16,7 +16,6 @@ that names the package to install, and exit status 2.
 from __future__ import annotations
 
 import argparse
-import ast
 import gzip
 import importlib
 import importlib.metadata
@@ -27,7 +26,6 @@ import re
 import shutil
 import subprocess
 import sys
-import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -202,45 +200,26 @@ CODE_SKIP_DIRS = {"tests", "test", "testing", "_lib", "_vendor", "vendored", "ex
 def library_functions(package: str, max_code_chars: int = 600) -> list[dict]:
     """Documented public functions of an installed package as CodeSearchNet python records (code with its
     docstring, as CodeSearchNet's ``code`` field), sorted by path; vendored and test code skipped."""
-    from allspark.data.codesearchnet import docstring_summary, strip_python_docstring
+    from allspark.data.codesearchnet import documented_functions
 
     mod = require_module("pycode", package, "scikit-learn" if package == "sklearn" else package)
     base = Path(mod.__file__).resolve().parent
     version = pkg_version(package)
     out = []
-    for path in sorted(base.rglob("*.py")):
-        rel = path.relative_to(base.parent)
-        if any(p in CODE_SKIP_DIRS or p.startswith("test") for p in rel.parts):
+    for rel, node, doc, summary, original, body in documented_functions(sorted(base.rglob("*.py")), base.parent,
+                                                                       CODE_SKIP_DIRS):
+        if not 20 <= len(summary) <= 150:
             continue
-        try:
-            source = path.read_text(encoding="utf-8")
-            tree = ast.parse(source)
-        except (SyntaxError, UnicodeDecodeError, OSError, ValueError):
+        if body is None or len(body) > max_code_chars or len(body.splitlines()) < 3:
             continue
-        for node in ast.walk(tree):
-            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or node.name.startswith("_"):
-                continue
-            doc = ast.get_docstring(node)
-            if not doc:
-                continue
-            summary = docstring_summary(doc)
-            if not 20 <= len(summary) <= 150:
-                continue
-            segment = ast.get_source_segment(source, node)
-            if segment is None:
-                continue
-            original = textwrap.dedent(" " * node.col_offset + segment)
-            body = strip_python_docstring(original)
-            if body is None or len(body) > max_code_chars or len(body.splitlines()) < 3:
-                continue
-            out.append({
-                "repo": f"{package}/{package}", "path": str(rel), "func_name": node.name,
-                "original_string": original, "language": "python", "code": original,
-                "code_tokens": re.findall(r"\w+|[^\w\s]", body), "docstring": doc,
-                "docstring_tokens": re.findall(r"\w+|[^\w\s]", summary),
-                "sha": version, "url": f"{package}=={version}:{rel}#L{node.lineno}",
-                "_summary": summary, "_body": " ".join(body.split()),
-            })
+        out.append({
+            "repo": f"{package}/{package}", "path": str(rel), "func_name": node.name,
+            "original_string": original, "language": "python", "code": original,
+            "code_tokens": re.findall(r"\w+|[^\w\s]", body), "docstring": doc,
+            "docstring_tokens": re.findall(r"\w+|[^\w\s]", summary),
+            "sha": version, "url": f"{package}=={version}:{rel}#L{node.lineno}",
+            "_summary": summary, "_body": " ".join(body.split()),
+        })
     return out
 
 
@@ -294,7 +273,7 @@ def build_pycode(root: Path, sizes: tuple[int, int, int] = (1200, 150, 200),
         "every public function (name without a leading `_`) with a docstring, found with `ast`; folders "
         f"{sorted(CODE_SKIP_DIRS)} and test files skipped",
         "kept when the docstring's first paragraph has 20-150 characters and the function without its "
-        f"docstring has 3+ lines and at most 600 characters; duplicates (same summary or same code) dropped",
+        "docstring has 3+ lines and at most 600 characters; duplicates (same summary or same code) dropped",
         "`code` holds the function with its docstring, as in CodeSearchNet (the reader strips it); "
         "`docstring` the full docstring; `url` names package, version, file and line",
         f"whole files are assigned to test / valid / train in a seeded (numpy default_rng({SEED})) order",
