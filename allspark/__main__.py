@@ -1,3 +1,3 @@
-from allspark.cli import list_main, run_cli
+from allspark.cli import main, run_cli
 
-run_cli(list_main)
+run_cli(main)

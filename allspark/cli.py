@@ -1,7 +1,10 @@
 """Command-line entry points: ``train.py``, ``evaluate.py`` and ``python -m allspark list``.
 
-Errors a user can cause (a bad path, config key, modality or data file) end with one clear line on
-stderr and exit status 2, not a traceback; ``ALLSPARK_DEBUG=1`` shows the traceback.
+Errors a user can cause end with one clear ``error: ...`` line on stderr and exit status 2, not a traceback:
+an :class:`allspark.errors.UserError` (a bad config key or value, data file, checkpoint path, component name) and
+the OS errors of the user's paths and disks (a missing file, no permission, a file where a folder belongs or the
+reverse, a full disk). Everything else is a bug and keeps its traceback (exit status 1), even a ``KeyError`` or
+``ValueError``. ``ALLSPARK_DEBUG=1`` shows the traceback of user errors too.
 """
 from __future__ import annotations
 
@@ -13,10 +16,23 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from allspark.config import ConfigError
+from allspark.errors import UserError, is_user_os_error
 
-__all__ = ["train_main", "evaluate_main", "list_main", "run_cli"]
+__all__ = ["train_main", "evaluate_main", "list_main", "export_main", "main", "run_cli", "is_user_error"]
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, KeyError, ValueError, ImportError)
+
+def is_user_error(exc: BaseException) -> bool:
+    """True for the errors ``run_cli`` reports as one line (exit 2): a ``UserError`` or a user's OS error."""
+    return isinstance(exc, UserError) or is_user_os_error(exc)
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and not isinstance(exc, UserError) and exc.filename is not None \
+            and exc.strerror:
+        msg = f"{exc.strerror}: {exc.filename!r}"  # e.g. "No space left on device: '/runs/hsi/log.jsonl'"
+    else:
+        msg = str(exc.args[0]) if isinstance(exc, KeyError) and len(exc.args) == 1 else str(exc)
+    return " ".join(msg.split()) or type(exc).__name__
 
 
 def run_cli(fn: Callable[[], int | None]) -> None:
@@ -30,11 +46,10 @@ def run_cli(fn: Callable[[], int | None]) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    except USER_ERRORS as exc:
-        if os.environ.get("ALLSPARK_DEBUG"):
-            raise
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"error: {msg}", file=sys.stderr)
+    except Exception as exc:
+        if not is_user_error(exc) or os.environ.get("ALLSPARK_DEBUG"):
+            raise  # a bug: the traceback, exit status 1
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         sys.exit(2)
     sys.exit(code or 0)
 
@@ -98,9 +113,16 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--data-root", help="dataset folder, or 'demo' (default: the checkpoint config's)")
     p.add_argument("--output-dir", type=Path, help="where metrics.json and report.md go (default: CHECKPOINT/eval)")
     p.add_argument("--split", default="test")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let the LLM run its own Python code (transformers trust_remote_code); a checkpoint's saved "
+                        "config cannot turn this on")
+    p.add_argument("--allow-download", action="store_true",
+                   help="allow loading a Hugging Face hub id that the checkpoint's config names as its LLM (may "
+                        "download it); refused otherwise")
     args = p.parse_args(argv)
     metrics = evaluate_checkpoint(args.checkpoint, modality=args.modality, data_root=args.data_root,
-                                  output_dir=args.output_dir, split=args.split)
+                                  output_dir=args.output_dir, split=args.split,
+                                  trust_remote_code=args.trust_remote_code, allow_download=args.allow_download)
     out = args.output_dir or (args.checkpoint / "eval")
     _print_summary(metrics, out / "metrics.json")
     return 0
@@ -111,7 +133,8 @@ def list_main(argv: Sequence[str] | None = None) -> int:
     from allspark.registry import DATASETS, ENCODERS, EVALUATORS, HEADS, METRICS, OBJECTIVES
 
     p = argparse.ArgumentParser(prog="python -m allspark", description="allspark utilities")
-    p.add_argument("command", choices=["list"], help="list: show registered modalities and components")
+    p.add_argument("command", choices=["list", "export"],
+                   help="list: show registered modalities and components; export: see `python -m allspark export -h`")
     p.parse_args(argv)
     allspark.import_builtins()
     print("modalities: " + ", ".join(allspark.list_modalities()))
@@ -122,6 +145,33 @@ def list_main(argv: Sequence[str] | None = None) -> int:
             names.append(f"{n} [{src}]" if src.startswith("entry point") else n)
         print(f"{reg.name}: " + (", ".join(names) or "(none)"))
     return 0
+
+
+def export_main(argv: Sequence[str] | None = None) -> int:
+    from allspark.model import EXPORT_PARTS_DIR, export_checkpoint
+
+    p = argparse.ArgumentParser(
+        prog="python -m allspark export",
+        description="Write a checkpoint in standard formats: the LLM with its LoRA adapter merged (PEFT "
+                    "merge_and_unload) and its tokenizer as a plain transformers folder, plus the encoders, bridge "
+                    f"and head (safetensors), the config and the data info in OUT/{EXPORT_PARTS_DIR}/.",
+    )
+    p.add_argument("--checkpoint", required=True, type=Path,
+                   help="a run folder (its best/ is used) or a folder written by save_pretrained")
+    p.add_argument("--out", required=True, type=Path, help="the folder to write (must not exist yet)")
+    args = p.parse_args(argv)
+    out = export_checkpoint(args.checkpoint, args.out)
+    print(f"exported {args.checkpoint} to {out} (AutoModelForCausalLM.from_pretrained loads it; "
+          f"AllSpark.from_pretrained loads {out / EXPORT_PARTS_DIR})")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m allspark``: ``list`` (registered components) or ``export`` (see ``export --help``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["export"]:
+        return export_main(argv[1:])
+    return list_main(argv)
 
 
 def _train_entry() -> None:

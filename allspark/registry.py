@@ -17,6 +17,8 @@ import inspect
 import logging
 from typing import Any, Callable, Generic, Iterator, TypeVar, overload
 
+from allspark.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -24,6 +26,7 @@ T = TypeVar("T")
 __all__ = [
     "Registry",
     "RegistryError",
+    "RegistryArgumentError",
     "ENCODERS",
     "HEADS",
     "DATASETS",
@@ -34,11 +37,15 @@ __all__ = [
 ]
 
 
-class RegistryError(KeyError):
+class RegistryError(UserError, KeyError):
     """A name is missing from a registry, or registered twice."""
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable.
         return str(self.args[0]) if self.args else ""
+
+
+class RegistryArgumentError(UserError, ValueError):
+    """A build spec (from a config) is malformed or passes an argument the registered target does not take."""
 
 
 class Registry(Generic[T]):
@@ -133,13 +140,14 @@ class Registry(Generic[T]):
 
         ``kwargs`` are added to the args; ``optional`` ones only where the target's signature takes
         them (for example the dataset ``info`` that most, not all, heads want). An argument the target
-        does not take is an error that lists the ones it does.
+        does not take is an error that lists the ones it does (a ``RegistryArgumentError``, a user error, when it
+        comes from ``spec``; a ``TypeError`` when it comes from the calling code's ``kwargs``).
         """
         if isinstance(spec, str):
             name, args = spec, {}
         elif isinstance(spec, dict):
             if "type" not in spec:
-                raise ValueError(f"{self.name}: a build spec needs a 'type' key, got keys {sorted(spec)}")
+                raise RegistryArgumentError(f"{self.name}: a build spec needs a 'type' key, got keys {sorted(spec)}")
             args = dict(spec)
             name = args.pop("type")
         else:
@@ -150,10 +158,10 @@ class Registry(Generic[T]):
         if params is not None:
             unknown = sorted(set(args) - params)
             if unknown:
-                raise ValueError(
-                    f"{self.name} {name!r} does not take argument(s) {unknown}; "
-                    f"it takes {sorted(params)}"
-                )
+                msg = f"{self.name} {name!r} does not take argument(s) {unknown}; it takes {sorted(params)}"
+                # ``kwargs`` come from the calling code: a target that refuses one of them is a bug, not a
+                # config mistake, and keeps its traceback
+                raise (TypeError if set(unknown) & set(kwargs) else RegistryArgumentError)(msg)
             args.update({k: v for k, v in (optional or {}).items() if k in params})
         else:
             args.update(optional or {})

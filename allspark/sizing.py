@@ -14,6 +14,8 @@ from __future__ import annotations
 import numbers
 from typing import Any, Callable, Sequence
 
+from allspark.config import ConfigError
+
 __all__ = ["from_data", "as_int", "as_int_pair", "as_int_list"]
 
 
@@ -70,20 +72,20 @@ def from_data(owner: str, arg: str, value: Any, info: dict[str, Any] | None, key
         try:
             have = convert(have)
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"{owner}: the dataset info gives {_label(key)}={have!r}, which cannot size "
+            raise ConfigError(f"{owner}: the dataset info gives {_label(key)}={have!r}, which cannot size "
                              f"{arg}: {exc}") from None
     if value is None:
         if have is None:
             keys = ", ".join(sorted(map(str, info))) or "none"
-            raise ValueError(
+            raise ConfigError(
                 f"{owner}: {arg} is not set and the dataset info has no {_label(key)} to take it from "
                 f"(the reader's info keys: {keys}); set {where}.{arg} in the config")
         return have
     try:
         value = convert(value)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"{owner}: {where}.{arg}: {exc}") from None
+        raise ConfigError(f"{owner}: {where}.{arg}: {exc}") from None
     if have is not None and have != value:
-        raise ValueError(f"{owner}: the config says {arg}={_show(value)} but the dataset {found.format(_show(have))} "
+        raise ConfigError(f"{owner}: the config says {arg}={_show(value)} but the dataset {found.format(_show(have))} "
                          f"({where}.{arg}; leave it unset to take it from the data)")
     return value

@@ -20,12 +20,13 @@ from typing import Any, Callable
 
 import torch
 from accelerate.utils import set_seed
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from allspark.baselines import baseline_metrics, build_baselines
-from allspark.config import Config, save_config
+from allspark.config import Config, ConfigError, save_config
 from allspark.data import EpochSampler, build_dataset, build_loader, resolve_data_root
 from allspark.distributed import make_accelerator
+from allspark.errors import MissingPackageError
 from allspark.evaluation import build_evaluator, collect_predictions, write_metrics
 from allspark.io import atomic_write_text
 from allspark.model import AllSpark
@@ -67,9 +68,9 @@ def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimize
         try:
             from lion_pytorch import Lion
         except ImportError as exc:
-            raise ImportError("train.optimizer=lion needs the lion-pytorch package: pip install lion-pytorch") from exc
+            raise MissingPackageError("train.optimizer=lion needs the lion-pytorch package: pip install lion-pytorch") from exc
         return Lion(groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas))
-    raise ValueError(f"train.optimizer must be 'adamw' or 'lion', got {cfg.train.optimizer!r}")
+    raise ConfigError(f"train.optimizer must be 'adamw' or 'lion', got {cfg.train.optimizer!r}")
 
 
 def warmup_steps(tcfg, steps_per_epoch: int, total_steps: int) -> int:
@@ -77,7 +78,7 @@ def warmup_steps(tcfg, steps_per_epoch: int, total_steps: int) -> int:
     ``train.warmup_epochs`` x the steps of an epoch; a warm-up as long as the run is warned about."""
     if tcfg.warmup_ratio is not None:
         if not 0 <= tcfg.warmup_ratio < 1:
-            raise ValueError(f"train.warmup_ratio must lie in [0, 1), got {tcfg.warmup_ratio}")
+            raise ConfigError(f"train.warmup_ratio must lie in [0, 1), got {tcfg.warmup_ratio}")
         steps = int(round(tcfg.warmup_ratio * total_steps))
     else:
         steps = int(round(tcfg.warmup_epochs * steps_per_epoch))
@@ -85,6 +86,73 @@ def warmup_steps(tcfg, steps_per_epoch: int, total_steps: int) -> int:
         logger.warning("the warm-up (%d steps) spans the whole run (%d steps): the learning rate never reaches "
                        "train.lr; set train.warmup_ratio (a share of the run) or fewer warmup_epochs", steps, total_steps)
     return steps
+
+
+#: path parts that wrappers (FSDP, activation checkpointing, torch.compile) put into parameter names
+_WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def _clean_name(name: str) -> str:
+    for part in _WRAPPER_PARTS:
+        name = name.replace(part, "")
+    return name
+
+
+def _weights_file(index: int) -> str:
+    """accelerate's name for the weights of its ``index``-th model: model.safetensors, model_1.safetensors, ..."""
+    return "model.safetensors" if index == 0 else f"model_{index}.safetensors"
+
+
+def gather_trainable_state(accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole trainable state (the names of ``AllSpark.trainable_state_dict``) of a prepared ``model``, on the CPU.
+
+    Call it on every process: under FSDP or DeepSpeed ZeRO-3 ``accelerator.get_state_dict`` gathers the shards,
+    a collective. The main process gets every trainable tensor; under FSDP the others get an empty dict.
+    """
+    names = {_clean_name(k) for k in accelerator.unwrap_model(model).trainable_state_dict()}
+    state = {}
+    for key, value in accelerator.get_state_dict(model).items():
+        key = _clean_name(key)
+        if key in names:
+            state[key] = value.detach().contiguous().cpu()
+    if accelerator.is_main_process and set(state) != names:
+        missing = sorted(names - set(state))
+        raise RuntimeError(f"the gathered model state lacks {len(missing)} trainable tensors, e.g. {missing[:4]}")
+    return state
+
+
+def checkpoint_hooks(accelerator) -> tuple[Callable, Callable]:
+    """The save-state and load-state pre-hooks: checkpoints hold the trainable parts only, not the frozen LLM.
+
+    Without sharding accelerate hands the save hook one state dict per model in ``weights`` and writes them
+    itself (``model.safetensors``); the hook puts the trainable state in their place. Under FSDP or DeepSpeed
+    ``weights`` is empty (accelerate has written its own sharded files): the hook gathers the trainable state
+    (on every process) and the main process writes it as ``model.safetensors``, the file the load hook reads.
+    The load hook loads that file into each model accelerate hands it and takes the model off the list; under
+    FSDP or DeepSpeed the list is empty, as accelerate has loaded the models from its own files.
+    """
+
+    def save_hook(models: list, weights: list, output_dir: str) -> None:
+        if len(weights) == len(models):
+            for i, m in enumerate(models):
+                weights[i] = accelerator.unwrap_model(m).trainable_state_dict()
+            return
+        if weights:
+            raise RuntimeError(f"accelerate handed the save hook {len(weights)} state dicts for {len(models)} models")
+        for i, m in enumerate(models):
+            state = gather_trainable_state(accelerator, m)
+            if accelerator.is_main_process:
+                save_file(state, str(Path(output_dir) / _weights_file(i)), metadata={"format": "pt"})
+
+    def load_hook(models: list, input_dir: str) -> None:
+        for i, m in enumerate(list(models)):
+            path = Path(input_dir) / _weights_file(i)
+            if not path.is_file():
+                raise FileNotFoundError(f"{input_dir} is not a training checkpoint: {path.name} is missing")
+            accelerator.unwrap_model(m).load_trainable_state_dict(load_file(str(path)))
+            models.remove(m)
+
+    return save_hook, load_hook
 
 
 def find_latest_checkpoint(output_dir: Path) -> Path | None:
@@ -100,6 +168,9 @@ def find_latest_checkpoint(output_dir: Path) -> Path | None:
 
 
 class _JsonlLog:
+    """``log.jsonl``: one JSON record a line (train records and validation records carry ``step``; the test
+    record at the end of a run does not). Written by the main process only."""
+
     def __init__(self, path: Path, enabled: bool) -> None:
         self.path = path
         self.enabled = enabled
@@ -108,6 +179,107 @@ class _JsonlLog:
         if self.enabled:
             with self.path.open("a") as f:
                 f.write(json.dumps(record, default=float) + "\n")
+
+    def truncate(self, step: int, *, revalidates: bool = False) -> int:
+        """Before a resume from the checkpoint of optimizer step ``step``: drop what the resumed run writes again,
+        so every step is logged once: the records of later steps, the test record of an earlier end of the run,
+        a torn line (a kill mid-write), and with ``revalidates`` (the checkpoint was taken before the validation
+        that closes its epoch, which the resumed run repeats) the validation records of ``step`` itself. The
+        file is replaced atomically. Returns the number of records dropped."""
+        if not self.enabled or not self.path.is_file():
+            return 0
+        kept, dropped = [], 0
+        for line in self.path.read_text().splitlines():
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                record = None
+            rstep = record.get("step") if isinstance(record, dict) else None
+            if not isinstance(rstep, (int, float)) or rstep > step or (
+                    revalidates and rstep == step and any(k.startswith("val/") for k in record)):
+                dropped += 1
+                continue
+            kept.append(line + "\n")
+        if dropped:
+            atomic_write_text(self.path, "".join(kept))
+            logger.info("%s: dropped %d record(s) after step %d, which the resumed run writes again", self.path,
+                        dropped, step)
+        return dropped
+
+
+#: what a resumed run may change: the schedule's length
+_RESUME_MAY_CHANGE = ("train.epochs", "train.max_steps")
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict) and data:
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    if isinstance(data, list) and data:
+        out = {}
+        for i, v in enumerate(data):
+            out.update(_flatten(v, f"{prefix}.{i}"))
+        return out
+    return {prefix: data}
+
+
+_ABSENT = object()  # a key one of two configs lacks
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = "(absent)" if value is _ABSENT else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_resume_config(cfg: Config, ckpt: Path) -> None:
+    """Refuse to resume ``ckpt`` with a config that differs from its run's ``config.yaml`` in anything but the
+    schedule's length (``train.epochs``, ``train.max_steps``)."""
+    import yaml
+
+    from allspark.config import ConfigError, from_dict, to_dict
+    from allspark.errors import UserError
+
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        logger.warning("--resume: %s has no config.yaml, so the config cannot be checked against the one %s was "
+                       "trained with", run_dir, ckpt)
+        return
+    try:
+        saved = to_dict(from_dict(Config, yaml.safe_load(saved_path.read_text()) or {}))
+    except (ConfigError, yaml.YAMLError) as exc:
+        raise UserError(f"--resume: the config of the checkpoint's run, {saved_path}, does not load: {exc}") from exc
+    old = _flatten(yaml.safe_load(yaml.safe_dump(saved, sort_keys=False)))
+    new = _flatten(yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False)))
+    differ = [k for k in sorted(set(old) | set(new), key=lambda k: (k not in old, k))
+              if k not in _RESUME_MAY_CHANGE and old.get(k, _ABSENT) != new.get(k, _ABSENT)]
+    if differ:
+        shown = ", ".join(f"{k} ({_short(old.get(k, _ABSENT))} -> {_short(new.get(k, _ABSENT))})" for k in differ[:12])
+        more = f" and {len(differ) - 12} more" if len(differ) > 12 else ""
+        raise UserError(
+            f"--resume: the config differs from the one {ckpt} was trained with ({saved_path}) in "
+            f"{len(differ)} key(s): {shown}{more}; only {' and '.join(_RESUME_MAY_CHANGE)} may change on resume. "
+            "Resume with the run's config, or start a new run in another --output-dir"
+        )
+
+
+def _find_resume_checkpoint(cfg: Config, output_dir: Path, resume: str | Path | bool) -> Path:
+    """The checkpoint ``--resume`` names (True: the newest under ``output_dir``), checked to be a training
+    checkpoint whose run was trained with this config (see ``_check_resume_config``)."""
+    from allspark.errors import UserFileNotFoundError
+
+    ckpt = find_latest_checkpoint(output_dir) if resume is True else Path(resume)
+    if ckpt is None:
+        raise UserFileNotFoundError(f"--resume: no checkpoint under {output_dir / 'checkpoints'} (expected "
+                                    f"step-N folders holding {STATE_NAME})")
+    if not (ckpt / STATE_NAME).is_file():
+        raise UserFileNotFoundError(f"--resume: {ckpt} is not a training checkpoint ({STATE_NAME} missing)")
+    _check_resume_config(cfg, ckpt)
+    return ckpt
 
 
 def _tracker() -> list[str]:
@@ -142,6 +314,8 @@ def train(
         project_dir=str(output_dir),
     )
     main = accelerator.is_main_process
+    # the resume checks read the run's config.yaml: before it is rewritten below
+    resume_ckpt = _find_resume_checkpoint(cfg, output_dir, resume) if resume else None
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, output_dir / "config.yaml")
@@ -187,30 +361,21 @@ def train(
     logger.info("precision: LLM %s, autocast %s (%s)", precision["llm_dtype"], precision["mixed_precision"],
                 precision["reason"])
 
-    # Checkpoints hold the trainable parts only, not the frozen LLM.
-    def _save_hook(models, weights, _dir):
-        for i, m in enumerate(models):
-            weights[i] = accelerator.unwrap_model(m).trainable_state_dict()
-
-    def _load_hook(models, input_dir):
-        for m in list(models):
-            accelerator.unwrap_model(m).load_trainable_state_dict(load_file(str(Path(input_dir) / "model.safetensors")))
-            models.remove(m)
-
+    # Checkpoints hold the trainable parts only, not the frozen LLM (sharded or not: see checkpoint_hooks).
+    _save_hook, _load_hook = checkpoint_hooks(accelerator)
     accelerator.register_save_state_pre_hook(_save_hook)
     accelerator.register_load_state_pre_hook(_load_hook)
 
     state = TrainerState()
-    if resume:
-        ckpt = find_latest_checkpoint(output_dir) if resume is True else Path(resume)
-        if ckpt is None:
-            raise FileNotFoundError(f"--resume: no checkpoint under {output_dir / 'checkpoints'}")
-        if not (ckpt / STATE_NAME).is_file():
-            raise FileNotFoundError(f"--resume: {ckpt} is not a training checkpoint ({STATE_NAME} missing)")
+    if resume_ckpt is not None:
+        ckpt = resume_ckpt
         accelerator.load_state(str(ckpt))
         state = TrainerState(**json.loads((ckpt / STATE_NAME).read_text()))
         logger.info("resumed from %s at epoch %d, batch %d, step %d", ckpt, state.epoch, state.batches_in_epoch,
                     state.global_step)
+        # a checkpoint taken on the epoch's last batch precedes that epoch's validation, which the run repeats
+        _JsonlLog(output_dir / "log.jsonl", main).truncate(
+            state.global_step, revalidates=state.batches_in_epoch >= len(train_loader))
 
     log = _JsonlLog(output_dir / "log.jsonl", main)
     accelerator.init_trackers("tensorboard", config={"modality": cfg.modality, "lr": tcfg.lr, "epochs": tcfg.epochs})
@@ -244,7 +409,7 @@ def train(
         metrics = evaluate_split(val_loader, "val")
         value = metrics.get(tcfg.metric_for_best)
         if not isinstance(value, (int, float)):
-            raise KeyError(f"train.metric_for_best={tcfg.metric_for_best!r} is not a metric of "
+            raise ConfigError(f"train.metric_for_best={tcfg.metric_for_best!r} is not a metric of "
                            f"{cfg.eval.protocol!r}; it reports {sorted(metrics)}")
         better = state.best_metric is None or (
             value > state.best_metric if tcfg.greater_is_better else value < state.best_metric
@@ -252,8 +417,9 @@ def train(
         if better:
             state.best_metric, state.best_epoch = float(value), round(epoch_float, 3)
             accelerator.wait_for_everyone()
+            best = gather_trainable_state(accelerator, model)  # on every process: the gather may be collective
             if main:
-                unwrapped.save_pretrained(output_dir / "best")
+                unwrapped.save_pretrained(output_dir / "best", state=best)
         scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         log.write({"epoch": round(epoch_float, 3), "step": state.global_step,
                    **{f"val/{k}": v for k, v in scalars.items()}, "best": better})
@@ -406,8 +572,8 @@ def train_stages(
     if PartialState().is_main_process:
         save_config(cfg, output_dir / "config.yaml")
         with atomic_dir(output_dir / "best") as tmp:
-            for f in previous.iterdir():
-                shutil.copy2(f, tmp / f.name)
+            for f in previous.iterdir():  # files, and the adapter/ folder of a LoRA model
+                (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
         write_metrics(output_dir / "metrics.json", final)
     PartialState().wait_for_everyone()
     return final

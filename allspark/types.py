@@ -39,11 +39,17 @@ class Tokens:
 
 @dataclass
 class LLMOutput:
-    """The language model's last hidden states over ``[modality tokens | prompt tokens | pad]``.
+    """The language model's last hidden states over ``[modality tokens | prompt tokens | pad]``
+    (``model.sequence: modality_first``, the paper's order) or ``[prompt tokens | pad | modality tokens]``
+    (``prompt_first``).
 
-    ``last_index[b]`` is the position of the last real token of row ``b`` (the last prompt token);
-    ``num_modality_tokens`` is the number of bridge tokens at the start of every row; ``modality_input`` the
-    bridge tokens ``s_i`` as they entered the language model ([B, N, D]; None when the task has none).
+    ``last_index[b]`` is the position of the last real token of row ``b`` (the last prompt token, or with
+    ``prompt_first`` the last bridge token); ``num_modality_tokens`` is the number of bridge tokens, which occupy
+    positions ``modality_start .. modality_start + num_modality_tokens - 1`` of every row (``modality_start`` is 0
+    for ``modality_first``, the padded prompt width for ``prompt_first``, and 0 again for the cached evaluation
+    forward of ``prompt_first``, whose ``hidden`` holds the bridge positions only: the prompt's states come from
+    the cache); ``modality_input`` the bridge tokens ``s_i`` as they entered the language model ([B, N, D]; None
+    when the task has none).
     """
 
     hidden: torch.Tensor
@@ -51,10 +57,11 @@ class LLMOutput:
     last_index: torch.Tensor
     num_modality_tokens: int
     modality_input: torch.Tensor | None = field(default=None, kw_only=True)
+    modality_start: int = field(default=0, kw_only=True)
 
     def pool(self, mode: str = "last") -> torch.Tensor:
-        """``last``: hidden state of the last prompt token; ``mean``: mean of the hidden states over the
-        modality tokens; ``bridge``: mean of the bridge tokens *entering* the language model (a skip path
+        """``last``: hidden state of the last real token (``last_index``); ``mean``: mean of the hidden states
+        over the modality tokens; ``bridge``: mean of the bridge tokens *entering* the language model (a skip path
         around it). ``a+b`` concatenates several along the feature axis (size: see :func:`pooled_size`)."""
         if "+" in mode:
             return torch.cat([self.pool(m) for m in mode.split("+")], dim=-1)
@@ -65,7 +72,8 @@ class LLMOutput:
             if self.num_modality_tokens == 0:
                 raise ValueError(f"{mode!r} pooling needs modality tokens; this task has none (use 'last')")
             if mode == "mean":
-                return self.hidden[:, : self.num_modality_tokens].mean(dim=1)
+                start = self.modality_start
+                return self.hidden[:, start: start + self.num_modality_tokens].mean(dim=1)
             if self.modality_input is None:
                 raise ValueError("'bridge' pooling needs LLMOutput.modality_input (the bridge tokens)")
             return self.modality_input.mean(dim=1).to(self.hidden.dtype)

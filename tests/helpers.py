@@ -24,6 +24,16 @@ TINY_HSI = [
 ]
 
 
+def free_port() -> int:
+    """A TCP port that is free now (the OS picks it: bind to port 0), for a torchrun ``--master_port``, so
+    concurrent test runs on one machine do not collide on a fixed port."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run(args: list[str], *, env: dict | None = None, timeout: int = 600, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     full_env = dict(os.environ)
     full_env.setdefault("PYTHONPATH", "")

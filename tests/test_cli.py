@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import scipy.io
 
-from tests.helpers import ROOT, TINY_HSI, run
+from tests.helpers import ROOT, TINY_HSI, free_port, run
 
 pytestmark = pytest.mark.slow
 
@@ -140,13 +140,14 @@ def test_two_processes_train_and_gather_without_duplicates(tmp_path):
     """torchrun starts two CPU processes (gloo); evaluation gathers each test pixel exactly once."""
     out = tmp_path / "run"
     common = [*TINY_HSI, "train.epochs=1", "data.eval_batch_size=50"]
-    trained = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-                   "train.py", "--modality", "hsi", "--output-dir", str(out), *common])
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    trained = run([*torchrun, "--master_port", str(free_port()), "train.py", "--modality", "hsi",
+                   "--output-dir", str(out), *common])
     assert trained.returncode == 0, trained.stderr[-3000:]
     log = (out / "log.jsonl").read_text()
     assert log, "the main process writes the log"
-    two = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
-               "evaluate.py", "--modality", "hsi", "--checkpoint", str(out), "--output-dir", str(tmp_path / "e2")])
+    two = run([*torchrun, "--master_port", str(free_port()), "evaluate.py", "--modality", "hsi",
+               "--checkpoint", str(out), "--output-dir", str(tmp_path / "e2")])
     assert two.returncode == 0, two.stderr[-3000:]
     one = run(["evaluate.py", "--modality", "hsi", "--checkpoint", str(out), "--output-dir", str(tmp_path / "e1")])
     assert one.returncode == 0, one.stderr[-3000:]

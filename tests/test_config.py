@@ -62,7 +62,7 @@ def test_unknown_key_names_key_and_suggestions():
         load_config("hsi", overrides=["train.learning_rate=1e-3"])
     msg = str(err.value)
     assert "train.learning_rate" in msg and "lr" in msg
-    with pytest.raises(ConfigError, match="did you mean 'epochs'"):
+    with pytest.raises(ConfigError, match="unknown config key 'train.epoch'; did you mean 'train.epochs'"):
         load_config("hsi", overrides=["train.epoch=3"])
 
 

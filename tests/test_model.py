@@ -72,7 +72,7 @@ def test_save_and_load_round_trip(setup, tmp_path):
     expected = model.predict(batch)["logits"]
     model.save_pretrained(tmp_path / "ckpt")
     files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
-    assert files == ["config.yaml", "data_info.json", "model.safetensors"]
+    assert files == ["adapter", "config.yaml", "data_info.json", "model.safetensors"]  # adapter/: the PEFT LoRA folder
     # only trainable parts are stored, not the frozen LLM
     from safetensors.torch import load_file
 

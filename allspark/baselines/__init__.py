@@ -97,6 +97,7 @@ def build_baselines(cfg, info: dict[str, Any], evaluator) -> list[tuple[str, Bas
     fails here, before any training."""
     from allspark.config import ConfigError
     from allspark.plugins import import_submodules
+    from allspark.registry import RegistryError
 
     import_submodules("allspark.baselines")
     built: list[tuple[str, Baseline]] = []
@@ -109,12 +110,14 @@ def build_baselines(cfg, info: dict[str, Any], evaluator) -> list[tuple[str, Bas
             raise ConfigError(f"{where}: two baselines are named {name!r}; give one a 'name'")
         args = dict(spec.get("args") or {})
         if spec["type"] not in BASELINES:
-            # the registry's message lists what is available and the closest names
-            BASELINES.get(spec["type"])
+            try:
+                BASELINES.get(spec["type"])
+            except RegistryError as exc:  # its message lists what is available and the closest names
+                raise ConfigError(f"{where}.type: {exc}") from None
         try:
             baseline = BASELINES.build({"type": spec["type"], **args}, optional={"info": info})
         except (TypeError, ValueError) as exc:
-            raise ConfigError(f"{where} ({spec['type']}): {exc}") from None
+            raise ConfigError(f"{where} ({spec['type']}): {exc}") from exc  # ALLSPARK_DEBUG=1 shows the origin
         baseline.evaluator = evaluator
         built.append((name, baseline))
     return built

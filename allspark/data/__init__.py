@@ -40,14 +40,35 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ALLSPARK_CACHE", Path.home() / ".cache" / "allspark")).expanduser()
 
 
+def demo_key(reader: Any) -> str:
+    """What a cached demo dataset is keyed by: the reader's ``demo_version`` and a hash of the source code of its
+    demo generator: ``write_demo``, the module that defines it (whose helpers and constants it uses) and the
+    reader's own module (its class attributes). An edited generator so writes a fresh folder instead of reusing
+    data made by the old code; any edit of those modules does too (a rewrite costs seconds, stale data a wrong
+    result)."""
+    import hashlib
+    import inspect
+
+    version = getattr(reader, "demo_version", 1)
+    parts = [f"v{version}"]
+    write_demo = getattr(reader, "write_demo")
+    sources = [write_demo, inspect.getmodule(write_demo), inspect.getmodule(reader)]
+    for obj in dict.fromkeys(o for o in sources if o is not None):
+        try:
+            parts.append(inspect.getsource(obj))
+        except (OSError, TypeError):  # no source (a compiled or interactive definition): the version alone
+            parts.append(f"<no source of {obj!r}>")
+    return f"v{version}-{hashlib.sha256(chr(0).join(parts).encode()).hexdigest()[:12]}"
+
+
 def demo_root(dataset: str, seed: int = 0) -> Path:
-    """Folder of the demo dataset of reader ``dataset``; written on first use, in the reader's format."""
+    """Folder of the demo dataset of reader ``dataset``; written on first use, in the reader's format, under
+    ``cache_dir()/demo/<dataset>-v<demo_version>-<hash of the generator's source>-seed<seed>``."""
     from allspark.io import atomic_dir
 
     import_readers()
     reader = DATASETS.get(dataset)
-    version = getattr(reader, "demo_version", 1)
-    root = cache_dir() / "demo" / f"{dataset}-v{version}-seed{seed}"
+    root = cache_dir() / "demo" / f"{dataset}-{demo_key(reader)}-seed{seed}"
     if not root.is_dir():
         logger.info("writing the %s demo dataset to %s", dataset, root)
         with atomic_dir(root) as tmp:

@@ -16,10 +16,12 @@ from typing import Any, ClassVar
 
 from torch.utils.data import Dataset
 
+from allspark.errors import UserError
+
 __all__ = ["ModalityDataset", "DatasetFormatError"]
 
 
-class DatasetFormatError(ValueError):
+class DatasetFormatError(UserError, ValueError):
     """A file is missing, unreadable or not in the layout the reader expects."""
 
 
@@ -30,7 +32,9 @@ class ModalityDataset(Dataset):
 
     def __init__(self, root: str | Path, split: str) -> None:
         if split not in self.splits:
-            raise ValueError(f"{type(self).__name__}: unknown split {split!r}; expected one of {self.splits}")
+            from allspark.config import ConfigError  # e.g. evaluate.py --split: a user error (exit 2)
+
+            raise ConfigError(f"{type(self).__name__}: unknown split {split!r}; expected one of {self.splits}")
         self.root = Path(root)
         if not self.root.is_dir():
             raise DatasetFormatError(f"{type(self).__name__}: data root {str(self.root)!r} is not a folder")

@@ -29,21 +29,46 @@ __all__ = [
 ]
 
 
-@torch.no_grad()
-def collect_predictions(model, loader, accelerator, pred_keys, batch_keys, desc: str = "eval") -> dict[str, np.ndarray]:
+def collect_predictions(model, loader, accelerator, pred_keys, batch_keys, desc: str = "eval", *,
+                        inference_mode: bool = False, progress=None) -> dict[str, np.ndarray]:
     """Run ``model`` over ``loader`` and gather ``pred_keys`` of its output and ``batch_keys`` of the
-    batch from every process, without the padding duplicates; returns numpy arrays on every process."""
+    batch from every process, without the padding duplicates; returns numpy arrays on every process.
+
+    No gradient is recorded (``torch.no_grad``); ``inference_mode=True`` runs under ``torch.inference_mode``
+    instead, for callers whose model is not trained afterwards (a module that keeps a tensor made during the
+    pass, such as the graph encoder's batched-graph cache, would hand an inference tensor to a later training
+    step). The progress bar counts samples (rate and estimated time left); ``progress``: an outer tqdm bar to
+    advance instead (e.g. the scene map's, over all tiles). The throughput is logged."""
+    import time
+
     from tqdm.auto import tqdm
 
     model.eval()
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in (*pred_keys, *batch_keys)}
-    for batch in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, leave=False):
-        out = model(batch)
-        values = {k: out.predictions[k] for k in pred_keys}
-        values.update({k: batch[k] for k in batch_keys})
-        values = accelerator.gather_for_metrics({k: v.contiguous() for k, v in values.items()})
-        for k, v in values.items():
-            parts[k].append(v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu())
+    dataset = getattr(loader, "dataset", None)
+    total = len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None
+    own = progress is None
+    bar = tqdm(total=total, desc=desc, unit="sample", disable=not accelerator.is_local_main_process,
+               leave=False) if own else progress
+    count, start = 0, time.perf_counter()
+    try:
+        with torch.inference_mode() if inference_mode else torch.no_grad():
+            for batch in loader:
+                out = model(batch)
+                values = {k: out.predictions[k] for k in pred_keys}
+                values.update({k: batch[k] for k in batch_keys})
+                values = accelerator.gather_for_metrics({k: v.contiguous() for k, v in values.items()})
+                rows = 0
+                for k, v in values.items():
+                    parts[k].append(v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu())
+                    rows = len(v)
+                count += rows
+                bar.update(rows)
+    finally:
+        if own:
+            bar.close()
+    seconds = time.perf_counter() - start
+    logger.info("%s: %d samples in %.1f s (%.1f samples/s)", desc, count, seconds, count / max(seconds, 1e-9))
     out = {k: torch.cat(v).numpy() if v else np.zeros(0) for k, v in parts.items()}
     if "index" in out and len(np.unique(out["index"])) != len(out["index"]):
         raise RuntimeError(f"{desc}: gathered predictions repeat samples ({len(out['index'])} rows, "
@@ -74,6 +99,15 @@ class Evaluator:
         """Metrics of a classical baseline's predictions (``allspark.baselines``): ``compute`` unless the
         protocol's model outputs hold more than a baseline predicts."""
         return self.compute(gathered)
+
+    def predict_extra(self, name: str, model, dataset, accelerator, batch_size: int, num_workers: int = 0
+                      ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Predictions for the report's extra split ``name`` (one of ``extra_splits``) and any metrics about
+        them (e.g. a scene map's pixels per second); by default the split's loader through the model."""
+        from allspark.data import build_loader
+
+        loader = accelerator.prepare(build_loader(dataset, batch_size, num_workers=num_workers))
+        return collect_predictions(model, loader, accelerator, self.pred_keys, self.batch_keys, name), {}
 
     def model_metrics(self, model, dataset, accelerator=None) -> dict[str, Any]:
         """Metrics that need the model itself beyond its per-batch predictions (ranking candidates across

@@ -1,16 +1,20 @@
 """Classification protocols: top-1 / OA, AA, kappa, per-class accuracy, confusion matrix, scene maps."""
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from allspark.evaluation import Evaluator, savefig
+from allspark.evaluation import Evaluator, collect_predictions, savefig
 from allspark.metrics.classification import classification_metrics
 from allspark.registry import EVALUATORS
 
 __all__ = ["plot_confusion_matrix", "ClassificationEvaluator", "PixelClassificationEvaluator"]
+
+logger = logging.getLogger(__name__)
 
 
 def plot_confusion_matrix(cm: np.ndarray, names: list[str], path: Path) -> None:
@@ -68,14 +72,70 @@ class ClassificationEvaluator(Evaluator):
 @EVALUATORS.register("pixel_classification")
 class PixelClassificationEvaluator(ClassificationEvaluator):
     """Classification of scene pixels (HSI): the classification metrics plus a map of the whole scene
-    (every pixel predicted, from the reader's ``scene`` split) beside the ground truth."""
+    (every pixel predicted, from the reader's ``scene`` split) beside the ground truth.
+
+    :meth:`predict_scene` predicts that map in tiles of ``scene_tile_rows`` rows of the scene (the model's
+    memory stays that of one batch, the gathered values that of one tile) with a progress bar over all
+    pixels (rate and estimated time left) and returns the pixels per second (``scene_pixels_per_second``)."""
 
     extra_splits = ("scene",)
 
-    def __init__(self, info: dict[str, Any], label_key: str = "label", scene_map: bool = True) -> None:
+    def __init__(self, info: dict[str, Any], label_key: str = "label", scene_map: bool = True,
+                 scene_tile_rows: int = 32) -> None:
         super().__init__(info, label_key)
         self.batch_keys = (label_key, "index", "coords")
         self.extra_splits = ("scene",) if scene_map else ()
+        if scene_tile_rows < 1:
+            raise ValueError(f"pixel_classification: scene_tile_rows must be >= 1, got {scene_tile_rows}")
+        self.scene_tile_rows = int(scene_tile_rows)
+
+    def predict_extra(self, name, model, dataset, accelerator, batch_size, num_workers=0):
+        if name == "scene":  # the whole scene, tiled, with progress and pixels per second
+            return self.predict_scene(model, dataset, accelerator, batch_size, num_workers=num_workers)
+        return super().predict_extra(name, model, dataset, accelerator, batch_size, num_workers)
+
+    def predict_scene(self, model, dataset, accelerator, batch_size: int, *, num_workers: int = 0,
+                      inference_mode: bool = True) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """Every pixel of ``dataset`` (a reader's ``scene`` split: the H x W pixels in row-major order)
+        through ``model`` (prepared by ``accelerator``), one tile of ``scene_tile_rows`` rows at a time.
+
+        Returns the gathered values (``pred`` and the batch keys, as :func:`collect_predictions` gives them, in
+        scene order) and ``{scene_pixels, scene_seconds, scene_pixels_per_second, scene_tiles}``.
+        ``inference_mode``: run under ``torch.inference_mode`` (the scene map comes after training)."""
+        from torch.utils.data import DataLoader, Subset
+        from tqdm.auto import tqdm
+
+        h, w = int(self.info["height"]), int(self.info["width"])
+        if len(dataset) != h * w:
+            raise ValueError(f"pixel_classification: the scene split has {len(dataset)} pixels, the scene is "
+                             f"{h} x {w} = {h * w}; predict_scene needs every pixel in row-major order")
+        rows = self.scene_tile_rows
+        keys = (*self.pred_keys, *self.batch_keys)
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+        bar = tqdm(total=h * w, desc="scene map", unit="px", disable=not accelerator.is_local_main_process)
+        start = time.perf_counter()
+        try:
+            for r0 in range(0, h, rows):
+                # a Subset (not a sampler over the whole scene): accelerate sizes the last batch's padding, which
+                # gather_for_metrics drops, from the loader's dataset length
+                tile_set = Subset(dataset, range(r0 * w, min(r0 + rows, h) * w))
+                loader = accelerator.prepare(DataLoader(tile_set, batch_size=batch_size, num_workers=num_workers,
+                                                        collate_fn=dataset.collate))
+                tile = collect_predictions(model, loader, accelerator, self.pred_keys, self.batch_keys,
+                                           f"scene rows {r0}-{min(r0 + rows, h) - 1}",
+                                           inference_mode=inference_mode, progress=bar)
+                order = np.argsort(tile["index"], kind="stable")  # processes' shards back in scene order
+                for k in keys:
+                    parts[k].append(tile[k][order])
+        finally:
+            bar.close()
+        seconds = time.perf_counter() - start
+        gathered = {k: np.concatenate(v) for k, v in parts.items()}
+        stats = {"scene_pixels": h * w, "scene_seconds": seconds, "scene_pixels_per_second": h * w / max(seconds, 1e-9),
+                 "scene_tiles": -(-h // rows)}
+        logger.info("scene map: %d pixels (%d x %d) in %.1f s, %.1f pixels/s, %d tiles of %d rows", h * w, h, w,
+                    seconds, stats["scene_pixels_per_second"], stats["scene_tiles"], rows)
+        return gathered, stats
 
     def figures(self, gathered, metrics, extra, out_dir):
         figs = super().figures(gathered, metrics, extra, out_dir)
