@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from allspark.config import ConfigError
 from allspark.registry import HEADS
 from allspark.sizing import from_data
 from allspark.types import LLMOutput, Output, pooled_size
@@ -18,7 +19,9 @@ class ClassificationHead(nn.Module):
 
     ``num_classes`` defaults to the dataset's (info ``num_classes``). Labels equal to ``ignore_index`` (the readers
     use -1 for unlabelled samples) carry no loss. ``pooling``: see :meth:`LLMOutput.pool` (e.g. ``last+bridge``
-    adds the bridge tokens entering the LLM as a skip path).
+    adds the bridge tokens entering the LLM as a skip path). ``norm``: ``layer`` (LayerNorm of the pooled state) or
+    ``batch`` (BatchNorm1d: each feature standardised over the batch, running statistics in evaluation; for the
+    nearly constant pooled states of a frozen LLM, see the comment in ``__init__``).
     """
 
     def __init__(
@@ -28,6 +31,7 @@ class ClassificationHead(nn.Module):
         *,
         info: dict[str, Any] | None = None,
         pooling: str = "last",
+        norm: str = "layer",
         label_key: str = "label",
         label_smoothing: float = 0.0,
         ignore_index: int = -1,
@@ -43,11 +47,22 @@ class ClassificationHead(nn.Module):
         self.label_smoothing = label_smoothing
         self.ignore_index = ignore_index
         size = pooled_size(pooling, hidden_size)
-        self.norm = nn.LayerNorm(size)
+        if norm not in ("layer", "batch"):
+            raise ConfigError(f"classification head: norm must be 'layer' or 'batch', got {norm!r}")
+        # ``batch``: the pooled states of a frozen LLM share one large component and differ by ~1 % between
+        # samples; LayerNorm keeps that, a batch norm standardises each feature over the batch (running
+        # statistics in evaluation), as a linear probe's feature scaling does
+        self.norm = nn.LayerNorm(size) if norm == "layer" else nn.BatchNorm1d(size)
         self.linear = nn.Linear(size, num_classes)
 
     def forward(self, llm_out: LLMOutput, batch: dict[str, Any]) -> Output:
-        pooled = self.norm(llm_out.pool(self.pooling).float())
+        pooled = llm_out.pool(self.pooling).float()
+        if isinstance(self.norm, nn.BatchNorm1d) and self.training and pooled.shape[0] == 1:
+            # no batch statistics from one sample: normalise with the running ones
+            pooled = F.batch_norm(pooled, self.norm.running_mean, self.norm.running_var, self.norm.weight,
+                                  self.norm.bias, False, 0.0, self.norm.eps)
+        else:
+            pooled = self.norm(pooled)
         logits = self.linear(pooled)
         loss = None
         labels = batch.get(self.label_key)

@@ -52,6 +52,28 @@ def test_classification_head_pools_last_and_ignores_unlabelled():
         ClassificationHead(8, 3, info={"num_classes": 9})
 
 
+def test_classification_head_batch_norm_standardises_over_the_batch():
+    torch.manual_seed(0)
+    head = ClassificationHead(8, 3, norm="batch")
+    # states that share one large component and differ by 1 %: a batch norm brings the differences to unit scale
+    hidden = 100.0 + torch.randn(6, 5, 8)
+    head.train()
+    head(_llm_out(hidden), {"label": torch.tensor([0, 1, 2, 0, 1, 2])})
+    last = hidden[:, -1]
+    expected = (last - last.mean(0)) / torch.sqrt(last.var(0, unbiased=False) + head.norm.eps)
+    manual = head.linear(expected * head.norm.weight + head.norm.bias)
+    head.eval()
+    head.norm.running_mean.copy_(last.mean(0))
+    head.norm.running_var.copy_(last.var(0, unbiased=False))
+    assert torch.allclose(head(_llm_out(hidden), {}).predictions["logits"], manual, atol=1e-4)
+    # a training batch of one sample uses the running statistics instead of failing
+    head.train()
+    one = head(_llm_out(hidden[:1]), {"label": torch.tensor([0])})
+    assert torch.allclose(one.predictions["logits"], manual[:1], atol=1e-4) and torch.isfinite(one.loss)
+    with pytest.raises(ValueError, match="norm must be 'layer' or 'batch', got 'group'"):
+        ClassificationHead(8, 3, norm="group")
+
+
 def test_regression_head_unscale_is_parameter_free_inverse():
     head = RegressionHead(8, 2, info={"target_mean": [10.0, -5.0], "target_std": [2.0, 0.5]})
     n_params = sum(p.numel() for p in head.parameters())
