@@ -400,12 +400,15 @@ def resolve_dtype(setting: str, device: torch.device | str | None = None) -> tup
     if setting == "auto":
         return _auto(capability(device_type))
     dtype = DTYPES[setting]
+    return dtype, _forced(dtype, device_type, f"model.llm.dtype={setting}")
+
+
+def _forced(dtype: torch.dtype, device_type: str, setting: str) -> str:
+    """Why a precision forced by the config applies: native on the device, or emulated (warned once)."""
     cap = capability(device_type)
-    native = cap.bfloat16 if dtype == torch.bfloat16 else cap.float16
-    if native:
-        return dtype, f"model.llm.dtype={setting} (set in the config; native on {device_type})"
-    return dtype, f"model.llm.dtype={setting} (set in the config): " + _warn_emulated(
-        dtype, device_type, f"model.llm.dtype={setting}", cap)
+    if cap.bfloat16 if dtype == torch.bfloat16 else cap.float16:
+        return f"{setting} (set in the config; native on {device_type})"
+    return f"{setting} (set in the config): " + _warn_emulated(dtype, device_type, setting, cap)
 
 
 def resolve_mixed_precision(setting: str | None, device: torch.device | str | None = None,
@@ -423,12 +426,7 @@ def resolve_mixed_precision(setting: str | None, device: torch.device | str | No
         dtype = _MIXED_TO_DTYPE.get(setting or "")
         if dtype is None:
             return setting, f"train.mixed_precision={setting} (set in the config)"
-        cap = capability(device_type)
-        native = cap.bfloat16 if dtype == torch.bfloat16 else cap.float16
-        if native:
-            return setting, f"train.mixed_precision={setting} (set in the config; native on {device_type})"
-        return setting, f"train.mixed_precision={setting} (set in the config): " + _warn_emulated(
-            dtype, device_type, f"train.mixed_precision={setting}", cap)
+        return setting, _forced(dtype, device_type, f"train.mixed_precision={setting}")
     launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
     if launcher:
         return launcher, f"auto: {launcher}, set by the launcher (ACCELERATE_MIXED_PRECISION)"
