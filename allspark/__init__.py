@@ -29,7 +29,7 @@ __all__ = [
 
 
 def import_builtins() -> None:
-    """Import the built-in encoders, heads, readers, metrics, objectives and evaluators (registering them)."""
+    """Import the built-in encoders, heads, readers, metrics, objectives, evaluators and baselines (registering them)."""
     import encoders  # noqa: F401
     import heads  # noqa: F401
     import allspark.metrics  # noqa: F401
@@ -38,6 +38,7 @@ def import_builtins() -> None:
     from allspark.plugins import import_submodules
 
     import_submodules("allspark.evaluation")
+    import_submodules("allspark.baselines")
     import_readers()
 
 

@@ -130,7 +130,7 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
 
 def list_main(argv: Sequence[str] | None = None) -> int:
     import allspark
-    from allspark.registry import DATASETS, ENCODERS, EVALUATORS, HEADS, METRICS, OBJECTIVES
+    from allspark.registry import BASELINES, DATASETS, ENCODERS, EVALUATORS, HEADS, METRICS, OBJECTIVES
 
     p = argparse.ArgumentParser(prog="python -m allspark", description="allspark utilities")
     p.add_argument("command", choices=["list", "export"],
@@ -138,7 +138,7 @@ def list_main(argv: Sequence[str] | None = None) -> int:
     p.parse_args(argv)
     allspark.import_builtins()
     print("modalities: " + ", ".join(allspark.list_modalities()))
-    for reg in (ENCODERS, HEADS, DATASETS, METRICS, EVALUATORS, OBJECTIVES):
+    for reg in (ENCODERS, HEADS, DATASETS, METRICS, EVALUATORS, OBJECTIVES, BASELINES):
         names = []
         for n in reg.list():
             src = reg.source(n)
