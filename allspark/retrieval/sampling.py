@@ -478,24 +478,23 @@ def largest_remainder(shares: Sequence[float], total: int) -> np.ndarray:
     return out
 
 
+def _proportional(total: int, lsi: Mapping[Any, float], size: Mapping[Any, float], what: str, names: str) -> dict:
+    """Integers summing to ``total``, proportional to ``lsi[k] * size[k]`` (largest remainder)."""
+    if set(lsi) != set(size):
+        raise ValueError(f"allocation: expected the same {what} in {names}, found {sorted(map(str, lsi))} "
+                         f"and {sorted(map(str, size))}")
+    keys = list(lsi)
+    return dict(zip(keys, largest_remainder([lsi[k] * size[k] for k in keys], total).tolist()))
+
+
 def allocate_regions(budget: int, r_lsi: Mapping[Any, float], area: Mapping[Any, float]) -> dict:
     """Eq. 10: ``N_i`` proportional to ``rLSI_i * A_i`` (integers summing to ``budget``)."""
-    if set(r_lsi) != set(area):
-        raise ValueError(f"allocation: expected the same regions in rLSI and area, found {sorted(map(str, r_lsi))} "
-                         f"and {sorted(map(str, area))}")
-    keys = list(r_lsi)
-    counts = largest_remainder([r_lsi[k] * area[k] for k in keys], budget)
-    return dict(zip(keys, counts.tolist()))
+    return _proportional(budget, r_lsi, area, "regions", "rLSI and area")
 
 
 def allocate_classes(n_region: int, c_lsi: Mapping[Any, float], share: Mapping[Any, float]) -> dict:
     """Eq. 11: ``cN_{i,k}`` proportional to ``cLSI_{i,k} * W_{i,k}`` (integers summing to ``n_region``)."""
-    if set(c_lsi) != set(share):
-        raise ValueError(f"allocation: expected the same classes in cLSI and shares, found {sorted(map(str, c_lsi))} "
-                         f"and {sorted(map(str, share))}")
-    keys = list(c_lsi)
-    counts = largest_remainder([c_lsi[k] * share[k] for k in keys], n_region)
-    return dict(zip(keys, counts.tolist()))
+    return _proportional(n_region, c_lsi, share, "classes", "cLSI and shares")
 
 
 def allocate_budget(budget: int, regions: Sequence, classes: Sequence, weights: SpatialWeights, *,
