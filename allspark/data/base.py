@@ -11,6 +11,7 @@ channel counts, target scalers -- as a plain dict; configs refer to it as ``${da
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -18,11 +19,48 @@ from torch.utils.data import Dataset
 
 from allspark.errors import UserError
 
-__all__ = ["ModalityDataset", "DatasetFormatError"]
+__all__ = ["ModalityDataset", "DatasetFormatError", "read_utf8_text", "path_inside"]
 
 
 class DatasetFormatError(UserError, ValueError):
     """A file is missing, unreadable or not in the layout the reader expects."""
+
+
+def read_utf8_text(path: Path, reader: str) -> str:
+    """The text of ``path`` decoded as UTF-8. A missing file and one that is not UTF-8 raise
+    :class:`DatasetFormatError` naming the file (and the line of the first byte that does not decode)."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DatasetFormatError(f"{reader}: {path} is missing") from None
+    except IsADirectoryError:
+        raise DatasetFormatError(f"{reader}: {path} is a folder; expected a text file") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DatasetFormatError(f"{reader}: {path}, line {line}: expected UTF-8 text, found byte "
+                                 f"0x{data[exc.start]:02x} that is not UTF-8 ({exc.reason})") from None
+
+
+def path_inside(folder: Path, entry: Any, where: str | Path, what: str) -> Path:
+    """``folder / entry`` for a relative path ``entry`` read from an index file (a list or caption file);
+    ``where`` names that file (and line or item) in the error. The entry must be a relative path that stays
+    inside ``folder`` once ``.`` and ``..`` are resolved; an absolute path, one that climbs out
+    (``../../etc/passwd``) or a non-string raises :class:`DatasetFormatError` naming ``where`` and the entry.
+    The check is on the path as written: links inside ``folder`` are followed (a data folder may link to
+    another disk)."""
+    if not isinstance(entry, str) or not entry or "\x00" in entry:
+        raise DatasetFormatError(f"{where}: {what} {entry!r} is not a file path; expected a relative path "
+                                 f"inside {folder}")
+    norm = os.path.normpath(entry)
+    if os.path.isabs(entry) or Path(entry).anchor or norm == ".." or norm.startswith(".." + os.sep):
+        raise DatasetFormatError(f"{where}: {what} {entry!r} leaves the data folder; expected a relative path "
+                                 f"inside {folder}, found "
+                                 + ("an absolute path" if os.path.isabs(entry) or Path(entry).anchor
+                                    else "one that climbs out with '..'"))
+    return folder / norm
 
 
 class ModalityDataset(Dataset):

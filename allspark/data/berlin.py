@@ -15,6 +15,11 @@ MATLAB v5 and v7.3 (HDF5) files are read; a file without the expected variable n
 exactly one array of the right rank. The label maps define the label grid; the HSI cube on its coarser
 grid is co-registered to it by pixel-centre nearest neighbour (see :mod:`allspark.data.paired_raster`).
 Batch keys: ``hsi`` [244, p, p] and ``sar`` [C, p, p] patches around each pixel, ``label``, ``coords``.
+
+Refused with ``DatasetFormatError`` naming the file: a missing or unreadable file, no array of the expected
+name or rank, a raster with NaN/inf values or another band count than ``hsi_bands`` / ``sar_channels``,
+label maps that are not 2-D non-negative integers, differ in size, overlap, or leave a class without a
+training pixel.
 """
 from __future__ import annotations
 
@@ -48,6 +53,7 @@ class BerlinHSISAR(PairedRasterScene):
     default_class_names = BERLIN_CLASS_NAMES
     dataset_name = "Berlin"
     demo_version: ClassVar[int] = 5
+    label_files = (FILES["train"][0], FILES["test"][0])
 
     def read_scene(self, root: Path, hsi_bands: int | None = None, sar_channels: int | None = None):
         from allspark.data.pavia import read_mat_array

@@ -21,8 +21,12 @@ names of the whole file, so every split shares them.
 Items: ``image`` float32 [3, S, S] (normalised with ``mean``/``std``), ``captions`` (a list of strings: in
 the training split one caption drawn at random per access, otherwise all of the image's captions),
 ``index``; the multi-label reader adds ``labels_second`` and ``labels_third`` (float multi-hot vectors).
-``collate`` keeps ``captions`` as a list of lists. Errors (a caption file naming a missing image, a split
-with no images, a line that is not JSON, an image with no caption) raise ``DatasetFormatError``.
+``collate`` keeps ``captions`` as a list of lists. Errors raise ``DatasetFormatError`` naming the caption
+file (and the line or ``images[k]`` entry): a caption file that is missing, not UTF-8 or not JSON, an entry
+without its keys, an image name that is not a relative path inside the image folder (absolute, or climbing
+out with ``..``: refused, never read), an image listed that does not exist, a split name other than
+train/val/test (or ``restval``), a split with no images, an image with no caption. An image that cannot be
+decoded raises naming the file when its item is read.
 """
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 import torch
 
-from allspark.data.base import DatasetFormatError, ModalityDataset
+from allspark.data.base import DatasetFormatError, ModalityDataset, path_inside, read_utf8_text
 from allspark.data.image_folder import read_image, resize_uint8
 from allspark.registry import DATASETS
 
@@ -152,8 +156,8 @@ class RSICDCaptions(CaptionDataset):
         if not path.is_file():
             raise DatasetFormatError(f"rsicd_captions: caption file {path} is missing ({self.LAYOUT})")
         try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            data = json.loads(read_utf8_text(path, "rsicd_captions"))
+        except json.JSONDecodeError as exc:
             raise DatasetFormatError(f"rsicd_captions: {path} is not valid JSON: {exc}") from exc
         images = data.get("images") if isinstance(data, dict) else None
         if not isinstance(images, list):
@@ -167,6 +171,10 @@ class RSICDCaptions(CaptionDataset):
                 captions = [s["raw"].strip() for s in entry["sentences"] if s.get("raw", "").strip()]
             except (KeyError, TypeError, AttributeError) as exc:
                 raise DatasetFormatError(f"rsicd_captions: {path}: images[{k}] lacks {exc} ({self.LAYOUT})") from None
+            if entry_split not in self.splits:
+                raise DatasetFormatError(f"rsicd_captions: {path}: images[{k}] ({file!r}) has split "
+                                         f"{entry['split']!r}; expected one of {[*self.splits, 'restval']}")
+            path_inside(self.image_dir, file, f"rsicd_captions: {path}: images[{k}]", "image name")
             every.append({"file": file, "captions": captions})
             if entry_split == split:
                 self.records.append(every[-1])
@@ -221,11 +229,18 @@ class LuoJiaHOGMultiLabel(CaptionDataset):
             raise DatasetFormatError(f"luojiahog: annotation file {path} is missing ({self.LAYOUT})")
         self._setup_images(image_dir, image_size, mean, std)
         rows = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
+        for n, line in enumerate(read_utf8_text(path, "luojiahog").splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise DatasetFormatError(f"luojiahog: {path} line {n}: expected a JSON object, found a JSON "
+                                             f"{type(row).__name__} ({self.LAYOUT})")
+                for key in ("second_level", "third_level"):
+                    if key in row and not isinstance(row[key], list):
+                        raise DatasetFormatError(f"luojiahog: {path} line {n}: {key!r} must be a list of label "
+                                                 f"names, found {type(row[key]).__name__} {row[key]!r}")
                 rec = {"file": row["image"], "captions": [str(row["caption"]).strip()] if str(row["caption"]).strip() else [],
                        "second": [str(x) for x in row["second_level"]], "third": [str(x) for x in row["third_level"]],
                        "split": row.get("split")}
@@ -233,6 +248,10 @@ class LuoJiaHOGMultiLabel(CaptionDataset):
                 raise DatasetFormatError(f"luojiahog: {path} line {n} is not JSON: {exc}") from None
             except (KeyError, TypeError) as exc:
                 raise DatasetFormatError(f"luojiahog: {path} line {n} lacks {exc} ({self.LAYOUT})") from None
+            if rec["split"] is not None and rec["split"] not in self.splits:
+                raise DatasetFormatError(f"luojiahog: {path} line {n}: split {rec['split']!r}; expected one of "
+                                         f"{list(self.splits)} (or no split key)")
+            path_inside(self.image_dir, rec["file"], f"luojiahog: {path} line {n}", "image name")
             rows.append(rec)
         if not rows:
             raise DatasetFormatError(f"luojiahog: {path} holds no image ({self.LAYOUT})")

@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from allspark.config import ConfigError
 from allspark.data.base import DatasetFormatError, ModalityDataset
 from allspark.registry import DATASETS
 
@@ -44,8 +45,13 @@ def read_jsonl_gz(path: Path, required: tuple[str, ...] = ("code", "docstring"))
     """All records of one ``.jsonl.gz`` file; a bad line raises naming the file and line number."""
     records = []
     try:
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
+        with gzip.open(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise DatasetFormatError(f"{path}, line {n}: expected gzip-compressed UTF-8 JSON lines, found "
+                                             f"byte 0x{raw[exc.start]:02x} that is not UTF-8") from None
                 if not line.strip():
                     continue
                 try:
@@ -60,7 +66,7 @@ def read_jsonl_gz(path: Path, required: tuple[str, ...] = ("code", "docstring"))
                             f"{path}, line {n}: record lacks a string {key!r} (it has {sorted(rec)}); "
                             "CodeSearchNet records have code, docstring, language ...")
                 records.append(rec)
-    except (OSError, EOFError, zlib.error, UnicodeDecodeError) as exc:
+    except (OSError, EOFError, zlib.error) as exc:
         raise DatasetFormatError(f"cannot read {path} as gzip-compressed UTF-8 JSON lines: {exc}") from exc
     return records
 
@@ -101,7 +107,7 @@ class CodeSearchNet(ModalityDataset):
                  strip_docstring: bool = True, max_samples: int | None = None) -> None:
         super().__init__(root, split)
         if language not in LANGUAGES:
-            raise ValueError(f"CodeSearchNet: unknown language {language!r}; expected one of {LANGUAGES}")
+            raise ConfigError(f"CodeSearchNet: unknown language {language!r}; expected one of {LANGUAGES}")
         self.language = language
         folder = self.root / language / "final" / "jsonl" / SPLIT_DIRS[split]
         if not folder.is_dir():

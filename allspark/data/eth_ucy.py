@@ -5,7 +5,9 @@ On-disk layout: the Social-GAN ``datasets/`` folder, which encodes leave-one-sce
 ``<root>/<scene>/{train,val,test}/*.txt``, where ``<root>/eth/test`` holds the ETH recording and
 ``<root>/eth/{train,val}`` the recordings of the four other scenes. ``test_scene`` (default ``eth``, as in
 the paper) picks the folder. Each file has one observation per line, ``frame ped_id x y`` separated by tabs
-or spaces (metres; frames step by 10 at 2.5 fps, i.e. 0.4 s).
+or spaces (metres; frames step by 10 at 2.5 fps, i.e. 0.4 s). Refused, naming the file and the line: text
+that is not UTF-8, a line without 4 numeric fields, NaN or infinite values (see :func:`read_trajectory_file`);
+naming the folder: a missing ``<scene>/<split>`` folder or one without ``*.txt`` files.
 
 Samples (as Social-GAN): every window of ``obs_len + pred_len`` consecutive frames of a file; each
 pedestrian present in all frames of the window is one sample. A window whose frames are not evenly
@@ -33,10 +35,20 @@ SCENES = ("eth", "hotel", "univ", "zara1", "zara2")
 
 
 def read_trajectory_file(path: Path) -> np.ndarray:
-    """``frame ped_id x y`` lines -> float array [n, 4]; a malformed line is an error naming file and line."""
+    """``frame ped_id x y`` lines -> float array [n, 4]; a malformed line is an error naming file and line.
+
+    Accepted: tabs or spaces between the fields, blank lines, any number format Python's ``float`` reads.
+    Refused with :class:`DatasetFormatError` naming the file and the line: a line that is not UTF-8 (or
+    ASCII) text, a line without exactly 4 fields, a field that is not a number, NaN or infinity; and a file
+    without any observation."""
     rows = []
-    with open(path, "r") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DatasetFormatError(f"ETH-UCY: {path}:{lineno}: expected UTF-8 text 'frame ped_id x y', found "
+                                         f"byte 0x{raw[exc.start]:02x} that is not UTF-8") from None
             parts = line.split()
             if not parts:
                 continue
@@ -49,7 +61,8 @@ def read_trajectory_file(path: Path) -> np.ndarray:
                 raise DatasetFormatError(f"ETH-UCY: {path}:{lineno}: expected numbers 'frame ped_id x y', "
                                          f"got {line.strip()!r}") from None
             if not all(math.isfinite(v) for v in values):
-                raise DatasetFormatError(f"ETH-UCY: {path}:{lineno}: non-finite value in {line.strip()!r}")
+                raise DatasetFormatError(f"ETH-UCY: {path}:{lineno}: expected finite numbers 'frame ped_id x y', "
+                                         f"found a NaN or infinite value in {line.strip()!r}")
             rows.append(values)
     if not rows:
         raise DatasetFormatError(f"ETH-UCY: {path} holds no observations")

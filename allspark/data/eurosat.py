@@ -6,9 +6,13 @@ On-disk layout (``EuroSAT_MS`` / ``EuroSATallBands`` as distributed)::
     <root>/<ClassName>/<ClassName>_<n>.tif    one folder per class; each GeoTIFF is H x W x 13 uint16
                                               (B01..B12 with B8A), as written by the dataset's authors
 
-Files stored band-first (13 x H x W) are accepted too. Every file must have exactly ``bands`` bands
-(13 by default): a file with another count raises ``DatasetFormatError`` naming it, the expected and the
-actual shape. Files are read with ``tifffile``.
+Files stored band-first (13 x H x W) are accepted too, and float TIFFs as well as integer ones. Every
+file must have exactly ``bands`` bands (13 by default) and be ``image_size`` x ``image_size`` pixels
+(64 for EuroSAT): a file with another band count or size raises ``DatasetFormatError`` naming it, the
+expected and the actual shape -- tiles are not resized unless the config asks for it with ``resize: true``
+(bilinear, to ``image_size``). Refused too, naming the file: a file tifffile cannot decode, non-numeric
+pixels and NaN or infinite values in a float TIFF. Files are read with ``tifffile``; the training files used
+for the statistics are read when the reader is built, the others when their item is read.
 
 Split (paper: random 9:1): per class, ``train_ratio`` of the files (default 0.9) form the training pool,
 the rest is ``test``; ``val_ratio`` of the pool is held out as ``val`` (see
@@ -28,6 +32,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from allspark.config import ConfigError
 from allspark.data.base import DatasetFormatError, ModalityDataset
 from allspark.data.image_folder import scan_class_folders, stratified_split
 from allspark.registry import DATASETS
@@ -56,9 +61,13 @@ def read_multiband_tiff(path: Path, bands: int) -> np.ndarray:
         raise DatasetFormatError(
             f"{path}: expected a {bands}-band image (H x W x {bands} or {bands} x H x W), got shape "
             f"{list(arr.shape)} (data.args.bands = {bands})")
-    if not np.issubdtype(arr.dtype, np.number):
-        raise DatasetFormatError(f"{path}: expected numeric pixels, got dtype {arr.dtype}")
-    return arr.astype(np.float32)
+    if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
+        raise DatasetFormatError(f"{path}: expected real numeric pixels, got dtype {arr.dtype}")
+    arr = arr.astype(np.float32)
+    bad = int((~np.isfinite(arr)).sum())
+    if bad:
+        raise DatasetFormatError(f"{path}: expected finite pixel values, found {bad} NaN or infinite value(s)")
+    return arr
 
 
 @DATASETS.register("eurosat_ms")
@@ -70,12 +79,14 @@ class EuroSATMS(ModalityDataset):
 
     def __init__(self, root: str | Path, split: str, *, bands: int = 13, image_size: int = 64,
                  train_ratio: float = 0.9, val_ratio: float = 0.1, split_seed: int = 0,
-                 scale: float = 10000.0, stats_files: int = 512) -> None:
+                 scale: float = 10000.0, stats_files: int = 512, resize: bool = False) -> None:
         super().__init__(root, split)
         if not 0 < train_ratio < 1:
-            raise ValueError(f"EuroSAT: train_ratio must be in (0, 1), got {train_ratio}")
+            raise ConfigError(f"EuroSAT: data.args.train_ratio must be in (0, 1), got {train_ratio}")
+        self.resize = bool(resize)
         self.class_names, samples = scan_class_folders(self.root, (".tif", ".tiff"), LAYOUT, "GeoTIFF")
-        parts = stratified_split([s[1] for s in samples], train_ratio, val_ratio, split_seed)
+        parts = stratified_split([s[1] for s in samples], train_ratio, val_ratio, split_seed,
+                                 [str(self.root / c) for c in self.class_names])
         self.samples = [samples[i] for i in parts[split]]
         self.bands, self.image_size, self.scale = int(bands), int(image_size), float(scale)
         train = [samples[i][0] for i in parts["train"]]
@@ -87,6 +98,11 @@ class EuroSATMS(ModalityDataset):
     def _read(self, path: Path) -> np.ndarray:
         arr = read_multiband_tiff(path, self.bands) / self.scale
         if arr.shape[1:] != (self.image_size, self.image_size):
+            if not self.resize:
+                raise DatasetFormatError(
+                    f"{path}: expected a tile of {self.image_size} x {self.image_size} pixels (data.args.image_size), "
+                    f"found {arr.shape[1]} x {arr.shape[2]}; set data.args.image_size to the tiles' size, or "
+                    "data.args.resize: true to resize every tile")
             arr = torch.nn.functional.interpolate(torch.from_numpy(arr)[None], size=self.image_size,
                                                   mode="bilinear", align_corners=False)[0].numpy()
         return arr

@@ -15,7 +15,12 @@ export it once to GeoTIFF, e.g. ``gdal_translate 20170218_UH_CASI_S4_NAD83.pix
                                                                     released test map to the training extent)
 
 GeoTIFFs are read with ``tifffile`` (band-sequential files come back as bands x H x W and are transposed;
-the series axes say which). LiDAR nodata (|value| > 1e30, the float32 fill of the rasters) becomes 0.
+the series axes say which). LiDAR nodata (a finite |value| > 1e30, the float32 fill of the rasters) becomes 0.
+A NaN or infinite LiDAR value is not that fill: it is refused, naming the file and the count, unless the
+config says ``lidar_nan_as_nodata: true`` (then NaN/inf are read as nodata, 0, too). Refused as well, naming
+the file: a missing file, an unreadable TIFF, an HSI cube with NaN/inf or another band count than
+``hsi_bands``, a LiDAR raster that is not single-band, LiDAR rasters of different sizes, and label maps that
+are not 2-D non-negative integers.
 The label grid is the ground truth's; the 1 m HSI is co-registered to it by pixel-centre nearest
 neighbour (:mod:`allspark.data.paired_raster`). Batch keys: ``hsi`` [48, p, p], ``lidar`` [3, p, p].
 """
@@ -73,7 +78,9 @@ class Houston2018HSILiDAR(PairedRasterScene):
     dataset_name = "Houston 2018"
     demo_version: ClassVar[int] = 6
 
-    def read_scene(self, root: Path, hsi_bands: int | None = None):
+    label_files = (TRAIN_FILE, TEST_FILE)
+
+    def read_scene(self, root: Path, hsi_bands: int | None = None, lidar_nan_as_nodata: bool = False):
         files = [HSI_FILE, *LIDAR_FILES, TRAIN_FILE, TEST_FILE]
         missing = [f for f in files if not (root / f).is_file()]
         if missing:
@@ -85,10 +92,18 @@ class Houston2018HSILiDAR(PairedRasterScene):
             if band.ndim != 2:
                 raise DatasetFormatError(f"{root / f}: a LiDAR intensity raster must be single-band, got shape "
                                          f"{list(band.shape)}")
-            band[~np.isfinite(band) | (np.abs(band) > 1e30)] = 0.0
+            nonfinite = ~np.isfinite(band)
+            if nonfinite.any() and not lidar_nan_as_nodata:
+                raise DatasetFormatError(
+                    f"{root / f}: expected finite LiDAR intensities (nodata written as the float32 fill, |value| > "
+                    f"1e30), found {int(nonfinite.sum())} NaN or infinite value(s); set "
+                    "data.args.lidar_nan_as_nodata: true to read them as nodata (0)")
+            with np.errstate(invalid="ignore"):
+                band[nonfinite | (np.abs(band) > 1e30)] = 0.0
             bands.append(band)
         if len({b.shape for b in bands}) != 1:
-            raise DatasetFormatError(f"Houston 2018: the LiDAR rasters differ in size: {[b.shape for b in bands]}")
+            raise DatasetFormatError(f"Houston 2018: the LiDAR rasters {', '.join(LIDAR_FILES)} differ in size: "
+                                     f"{[list(b.shape) for b in bands]}; expected one grid")
         lidar = check_raster(np.stack(bands, -1), root / LIDAR_FILES[0], "LiDAR raster")
         train = label_map(read_geotiff(root / TRAIN_FILE), root / TRAIN_FILE, "training map")
         test = label_map(read_geotiff(root / TEST_FILE), root / TEST_FILE, "test map")

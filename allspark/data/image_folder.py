@@ -7,7 +7,10 @@ NWPU-RESISC45 on-disk layout (as distributed; any folder-per-class image set wor
 
 Class names are the sorted folder names (so the label of a class does not depend on the file system's
 listing order); image sizes are taken from the files and resized to ``image_size``. Hidden folders and
-files with other extensions are ignored.
+files with other extensions are ignored. Refused, naming the folder: a missing root, a root without class
+folders, a class folder without images, a class with fewer than 2 images (it cannot be split), and another
+number of class folders than ``num_classes``. An image that cannot be decoded raises ``DatasetFormatError``
+naming the file when its item is read (the files are not opened when the reader is built).
 
 Split (the paper trains on 20 %): per class, ``round(train_ratio * n)`` images (at least 1, at most
 ``n - 1``) are drawn with ``numpy.random.default_rng(split_seed)`` for training, the rest is ``test``;
@@ -27,6 +30,7 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 import torch
 
+from allspark.config import ConfigError
 from allspark.data.base import DatasetFormatError, ModalityDataset
 from allspark.registry import DATASETS
 
@@ -65,15 +69,16 @@ def _round_half_up(x: float) -> int:
     return int(np.floor(x + 0.5))
 
 
-def stratified_split(labels: Sequence[int], train_ratio: float, val_ratio: float, seed: int
-                     ) -> dict[str, np.ndarray]:
+def stratified_split(labels: Sequence[int], train_ratio: float, val_ratio: float, seed: int,
+                     class_names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
     """Per-class random ``train``/``val``/``test`` index arrays (each sorted).
 
     Per class of ``n`` items: ``round(train_ratio * n)`` clipped to ``[1, n - 1]`` are the training pool
     (``train_ratio = 1`` keeps every item for training and leaves ``test`` empty -- for sets whose test
     part lives elsewhere); of the pool ``round(val_ratio * n_pool)`` (>= 1 when ``val_ratio > 0`` and the
     pool has 2 or more) become ``val``. The val draw uses its own generator stream so the train/test
-    split does not depend on ``val_ratio``.
+    split does not depend on ``val_ratio``. ``class_names`` (e.g. the class folders) name a class that is
+    too small to split in the error.
     """
     labels = np.asarray(labels)
     rng, rng_val = np.random.default_rng(seed), np.random.default_rng([seed, 1])
@@ -85,7 +90,9 @@ def stratified_split(labels: Sequence[int], train_ratio: float, val_ratio: float
             n_pool = n
         else:
             if n < 2:
-                raise DatasetFormatError(f"class {int(k)} has {n} item(s); at least 2 are needed to split it")
+                name = repr(class_names[int(k)]) if class_names is not None else str(int(k))
+                raise DatasetFormatError(f"class {name} has {n} item(s); expected at least 2 to split it into "
+                                         "train and test")
             n_pool = min(max(_round_half_up(train_ratio * n), 1), n - 1)
         perm = rng.permutation(idx)
         pool, test = perm[:n_pool], perm[n_pool:]
@@ -137,13 +144,14 @@ class NWPURESISC45(ModalityDataset):
                  extensions: Sequence[str] = IMAGE_EXTENSIONS) -> None:
         super().__init__(root, split)
         if not 0 < train_ratio < 1:
-            raise ValueError(f"NWPU-RESISC45: train_ratio must be in (0, 1), got {train_ratio}")
+            raise ConfigError(f"NWPU-RESISC45: train_ratio must be in (0, 1), got {train_ratio}")
         self.class_names, samples = scan_class_folders(self.root, extensions, self.LAYOUT)
         if num_classes is not None and num_classes != len(self.class_names):
             raise DatasetFormatError(
                 f"NWPU-RESISC45: {self.root} has {len(self.class_names)} class folders; the config expects "
                 f"{num_classes} (data.args.num_classes)")
-        idx = stratified_split([s[1] for s in samples], train_ratio, val_ratio, split_seed)[split]
+        idx = stratified_split([s[1] for s in samples], train_ratio, val_ratio, split_seed,
+                               [str(self.root / c) for c in self.class_names])[split]
         self.samples = [samples[i] for i in idx]
         self.image_size = int(image_size)
         self.mean = np.asarray(mean, np.float32)[:, None, None]

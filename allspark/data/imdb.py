@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from allspark.config import ConfigError
 from allspark.data.base import DatasetFormatError, ModalityDataset
 from allspark.registry import DATASETS
 
@@ -58,7 +59,7 @@ class IMDB(ModalityDataset):
                  max_per_class: int | None = None) -> None:
         super().__init__(root, split)
         if not 0 <= val_ratio < 1:
-            raise ValueError(f"IMDB: val_ratio must be in [0, 1), got {val_ratio}")
+            raise ConfigError(f"IMDB: val_ratio must be in [0, 1), got {val_ratio}")
         base = self.root / "aclImdb" if (self.root / "aclImdb").is_dir() else self.root
         folder = base / ("test" if split == "test" else "train")
         samples: list[tuple[Path, int]] = []

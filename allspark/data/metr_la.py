@@ -21,7 +21,12 @@ Accepted beyond the official files (which are complete, evenly spaced and withou
   go backwards, a timestamp off the grid (not ``first + k * interval``), an interval that does not divide
   a day, and a grid on which the added rows would outnumber the rows of the file (a stray timestamp far
   away rather than a gap);
-- NaN readings (as other exports write a missing value): read as 0 (missing), with the count logged.
+- NaN or infinite readings (as other exports write a missing value or an overflow): read as 0 (missing,
+  the reader's one convention for "no reading"), so they never count as observed; the count is logged.
+
+Refused, naming the file: a sensor id that occurs twice among the columns of the ``.h5`` or in the id list
+of the adjacency pickle (the duplicates are listed), sensor ids that differ between the two files, an
+adjacency that is not ``N x N``, or holds NaN/inf, and columns that are not numeric.
 
 Split: samples (windows) in time order, 0.7 / 0.1 / 0.2 train / val / test (DCRNN, STAEformer).
 Standardisation: mean and std of the observed (non-zero) readings of the training part of the series.
@@ -75,23 +80,38 @@ def load_adjacency(path: Path) -> tuple[list[str], np.ndarray]:
     try:
         with open(path, "rb") as f:
             obj = SafeUnpickler(io.BytesIO(f.read()), encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as exc:
-        raise DatasetFormatError(f"graph: cannot read adjacency pickle {path}: {exc}") from exc
+    except OSError:
+        raise
+    except Exception as exc:  # a truncated or foreign pickle raises UnpicklingError, EOFError, KeyError ...
+        raise DatasetFormatError(f"graph: cannot read adjacency pickle {path}: {type(exc).__name__}: {exc}") from exc
     if not (isinstance(obj, (tuple, list)) and len(obj) == 3):
         raise DatasetFormatError(f"graph: {path} must hold (sensor_ids, sensor_id_to_ind, adj_mx), "
                                  f"got {type(obj).__name__}")
     ids, _, adj = obj
+    if not isinstance(ids, (list, tuple, np.ndarray)):
+        raise DatasetFormatError(f"graph: {path}: sensor_ids must be a list, got {type(ids).__name__}")
     ids = [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
-    adj = np.asarray(adj, dtype=np.float64)
+    _refuse_duplicates(path, ids, "sensor id list")
+    try:
+        adj = np.asarray(adj, dtype=np.float64)
+    except (ValueError, TypeError) as exc:
+        raise DatasetFormatError(f"graph: {path}: adj_mx must be a numeric N x N matrix: {exc}") from None
     if adj.shape != (len(ids), len(ids)):
         raise DatasetFormatError(f"graph: {path}: adjacency is {list(adj.shape)} but there are {len(ids)} sensor ids")
+    if not np.isfinite(adj).all():
+        raise DatasetFormatError(f"graph: {path}: {int((~np.isfinite(adj)).sum())} adjacency weight(s) are NaN "
+                                 "or infinite; expected finite weights (0 = no edge)")
     return ids, adj
 
 
 def read_sensor_h5(path: Path):
     """The HDFStore as (timestamps [T] datetime64[ns], sensor ids [N] str, values [T, N] float32)."""
+    import h5py
     import pandas as pd
 
+    if not h5py.is_hdf5(str(path)):
+        raise DatasetFormatError(f"graph: {path} is not an HDF5 file; expected a pandas HDFStore (DataFrame.to_hdf, "
+                                 "key 'df') of readings indexed by time, one column per sensor")
     try:
         with pd.HDFStore(path, mode="r") as store:
             keys = store.keys()
@@ -105,7 +125,26 @@ def read_sensor_h5(path: Path):
     if not isinstance(df.index, pd.DatetimeIndex):
         raise DatasetFormatError(f"graph: {path}: rows must be indexed by time (DatetimeIndex), "
                                  f"got {type(df.index).__name__}")
-    return df.index.values, [str(c) for c in df.columns], df.to_numpy(np.float32)
+    columns = [str(c) for c in df.columns]
+    _refuse_duplicates(path, columns, "columns")
+    try:
+        values = df.to_numpy(np.float32)
+    except (ValueError, TypeError):
+        bad = [str(c) for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
+        raise DatasetFormatError(f"graph: {path}: readings must be numbers; column(s) {bad[:5]} are "
+                                 f"{sorted({str(df[c].dtype) for c in bad})}") from None
+    return df.index.values, columns, values
+
+
+def _refuse_duplicates(path: Path, ids: list[str], where: str) -> None:
+    seen, dup = set(), []
+    for i in ids:
+        if i in seen and i not in dup:
+            dup.append(i)
+        seen.add(i)
+    if dup:
+        raise DatasetFormatError(f"graph: {path}: sensor id(s) {dup[:10]} occur more than once in the {where}; "
+                                 f"expected {len(ids)} distinct sensor ids, found {len(seen)}")
 
 
 def regular_grid(path: Path, timestamps, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
@@ -165,10 +204,14 @@ def _load_series(path: str, stamp: tuple) -> tuple[np.ndarray, list[str], np.nda
     """The readings on their regular grid (cached: the three splits read the same file; ``stamp`` keys
     the file's size and modification time). The arrays are read-only."""
     times, columns, values = read_sensor_h5(Path(path))
-    nan = np.isnan(values)
+    nan = ~np.isfinite(values)
     if nan.any():
+        n_inf = int(np.isinf(values).sum())
         values = np.where(nan, np.float32(0), values)
-        logger.info("graph: %s: %d NaN reading(s) read as 0 (missing)", path, int(nan.sum()))
+        if int(nan.sum()) > n_inf:
+            logger.info("graph: %s: %d NaN reading(s) read as 0 (missing)", path, int(nan.sum()) - n_inf)
+        if n_inf:
+            logger.info("graph: %s: %d infinite reading(s) read as 0 (missing)", path, n_inf)
     times, values, interval, added = regular_grid(Path(path), times, values)
     if added:
         logger.info("graph: %s: %d row(s) missing from the %d-s time grid (%d rows in the file, %d on the grid) "

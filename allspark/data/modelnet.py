@@ -12,6 +12,12 @@ The class of ``night_stand_0001`` is everything before the last underscore. Each
 read it), centres the cloud on its centroid and scales it into the unit sphere. ModelNet40 has no
 validation split: ``val`` is carved from the official training list, ``val_ratio`` of each class chosen
 by a seeded permutation (``split_seed``), so model selection never sees the test list.
+
+Refused with ``DatasetFormatError`` naming the file: a missing or non-UTF-8 list file, a class listed twice,
+a shape whose class is not in the shape-name list or whose path leaves the root, listed shapes missing on
+disk, an empty split; and, when an item is read, a point file with another column count than 6, rows that
+do not parse, fewer than ``num_points`` rows, or NaN/inf values (row named). Extra rows beyond
+``num_points`` are not read (the release's uniform resampling, as PointNet++ reads it).
 """
 from __future__ import annotations
 
@@ -22,7 +28,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from allspark.data.base import DatasetFormatError, ModalityDataset
+from allspark.config import ConfigError
+from allspark.data.base import DatasetFormatError, ModalityDataset, path_inside, read_utf8_text
 from allspark.registry import DATASETS
 
 __all__ = ["ModelNet40"]
@@ -40,7 +47,7 @@ LAYOUT = (
 def _read_lines(path: Path) -> list[str]:
     if not path.is_file():
         raise DatasetFormatError(f"ModelNet40: {path} is missing; {LAYOUT}")
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return [line.strip() for line in read_utf8_text(path, "ModelNet40").splitlines() if line.strip()]
 
 
 def normalize_to_unit_sphere(xyz: np.ndarray) -> np.ndarray:
@@ -93,9 +100,9 @@ class ModelNet40(ModalityDataset):
     ) -> None:
         super().__init__(root, split)
         if num_points < 1:
-            raise ValueError(f"ModelNet40: num_points must be positive, got {num_points}")
+            raise ConfigError(f"ModelNet40: num_points must be positive, got {num_points}")
         if not 0 <= val_ratio < 1:
-            raise ValueError(f"ModelNet40: val_ratio must be in [0, 1), got {val_ratio}")
+            raise ConfigError(f"ModelNet40: val_ratio must be in [0, 1), got {val_ratio}")
         self.num_points = num_points
         self.use_normals = use_normals
         # Point-BERT's scale-and-translate augmentation, on training items only.
@@ -104,14 +111,16 @@ class ModelNet40(ModalityDataset):
         if len(set(self.class_names)) != len(self.class_names):
             raise DatasetFormatError(f"ModelNet40: {self.root / SHAPE_NAMES} lists a class twice")
         label_of = {name: i for i, name in enumerate(self.class_names)}
-        names = _read_lines(self.root / SPLIT_FILES["test" if split == "test" else "train"])
+        split_file = self.root / SPLIT_FILES["test" if split == "test" else "train"]
+        names = _read_lines(split_file)
         samples = []
         for name in names:
             cls = name.rsplit("_", 1)[0]
             if cls not in label_of:
-                raise DatasetFormatError(f"ModelNet40: shape {name!r} in the split file has class {cls!r}, "
+                raise DatasetFormatError(f"ModelNet40: shape {name!r} in {split_file} has class {cls!r}, "
                                          f"which is not in {SHAPE_NAMES}")
-            samples.append((self.root / cls / f"{name}.txt", label_of[cls]))
+            path = path_inside(self.root, f"{cls}/{name}.txt", f"ModelNet40: {split_file}", "shape")
+            samples.append((path, label_of[cls]))
         missing = [str(p) for p, _ in samples if not p.is_file()]
         if missing:
             raise DatasetFormatError(

@@ -17,6 +17,11 @@ Split: ``test`` = every chip of the 15-degree folder; ``val`` = ``val_ratio`` of
 Preprocessing as in AConvNets: the centre ``crop_size`` x ``crop_size`` (88) crop of each chip (for
 training, a random crop within ``train_jitter`` pixels of the centre -- AConvNets' crop augmentation);
 magnitudes scaled to [0, 1], then standardised per chip (zero mean, unit std). Items: ``image`` float32 [1, crop, crop], ``label`` int64, ``index``.
+
+Refused with ``DatasetFormatError`` naming the folder or file: a missing angle folder, one without target
+folders or a target folder without chips, test targets that differ from the training ones, another number
+of targets than ``num_classes``; when an item is read, a chip that cannot be decoded or is smaller than the
+crop (chips are cropped, never resized).
 """
 from __future__ import annotations
 

@@ -31,6 +31,7 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 import torch
 
+from allspark.config import ConfigError
 from allspark.data.base import DatasetFormatError, ModalityDataset
 
 __all__ = ["PairedRasterScene", "LabelledShareSampler", "map_to_grid", "carve_validation", "smooth_fields"]
@@ -71,13 +72,13 @@ class LabelledShareSampler(torch.utils.data.Sampler):
 
     def __init__(self, labels: torch.Tensor, batch_size: int, share: float, seed: int) -> None:
         if not 0 < share < 1:
-            raise ValueError(f"labelled_share must be in (0, 1), got {share}")
+            raise ConfigError(f"labelled_share must be in (0, 1), got {share}")
         self.labelled = torch.nonzero(labels >= 0).flatten().numpy()
         self.unlabelled = torch.nonzero(labels < 0).flatten().numpy()
         self.n_lab = min(max(1, int(round(share * batch_size))), batch_size - 1)
         if not len(self.labelled) or not len(self.unlabelled):
-            raise ValueError("labelled_share needs both labelled and unlabelled training pixels "
-                             "(set data.args.unlabelled_ratio > 0)")
+            raise ConfigError("labelled_share needs both labelled and unlabelled training pixels "
+                              "(set data.args.unlabelled_ratio > 0)")
         self.batch_size, self.seed, self.epoch = batch_size, seed, 0
         self.batches = int(np.ceil(len(self.unlabelled) / (batch_size - self.n_lab)))
 
@@ -108,41 +109,46 @@ class PairedRasterScene(ModalityDataset):
     raster_keys: ClassVar[tuple[str, ...]] = ()
     default_class_names: ClassVar[tuple[str, ...]] = ()
     dataset_name: ClassVar[str] = "paired raster scene"
+    #: the training and the test label map, relative to the root (named in the errors about the maps)
+    label_files: ClassVar[tuple[str, str]] = ("training map", "test map")
 
     def __init__(self, root, split: str, *, patch: int = 7, val_ratio: float = 0.1, split_seed: int = 0,
                  class_names: Sequence[str] | None = None, unlabelled_ratio: float = 0.0,
                  labelled_share: float | None = None, **read_args: Any) -> None:
         super().__init__(root, split)
         if patch < 1 or patch % 2 == 0:
-            raise ValueError(f"{self.dataset_name}: patch must be an odd size >= 1, got {patch}")
+            raise ConfigError(f"{self.dataset_name}: patch must be an odd size >= 1, got {patch}")
         if not 0 <= val_ratio < 1:
-            raise ValueError(f"{self.dataset_name}: val_ratio must be in [0, 1), got {val_ratio}")
+            raise ConfigError(f"{self.dataset_name}: val_ratio must be in [0, 1), got {val_ratio}")
         if not unlabelled_ratio >= 0:
-            raise ValueError(f"{self.dataset_name}: unlabelled_ratio must be >= 0, got {unlabelled_ratio}")
+            raise ConfigError(f"{self.dataset_name}: unlabelled_ratio must be >= 0, got {unlabelled_ratio}")
         rasters, train_map, test_map = self.read_scene(self.root, **read_args)
         if len(rasters) != len(self.raster_keys):
             raise RuntimeError(f"{type(self).__name__}.read_scene returned {len(rasters)} rasters for keys "
                                f"{self.raster_keys}")
+        tr_file, te_file = (self.root / f for f in self.label_files)
         if train_map.shape != test_map.shape:
             raise DatasetFormatError(
-                f"{self.dataset_name}: the training map is {list(train_map.shape)} but the test map is "
-                f"{list(test_map.shape)}; both must be on the label grid")
+                f"{self.dataset_name}: the training map {tr_file} is {list(train_map.shape)} but the test map "
+                f"{te_file} is {list(test_map.shape)}; both must be on the label grid")
         overlap = int(((train_map > 0) & (test_map > 0)).sum())
         if overlap:
             raise DatasetFormatError(f"{self.dataset_name}: {overlap} pixel(s) are labelled in both the "
-                                     "training and the test map")
+                                     f"training map {tr_file} and the test map {te_file}; expected disjoint maps")
         height, width = train_map.shape
         num_classes = int(max(train_map.max(), test_map.max()))
         if num_classes < 1:
-            raise DatasetFormatError(f"{self.dataset_name}: the label maps hold no labelled pixel")
+            raise DatasetFormatError(f"{self.dataset_name}: the label maps {tr_file} and {te_file} hold no "
+                                     "labelled pixel")
         empty = [k for k in range(1, num_classes + 1) if not (train_map == k).any()]
         if empty:
-            raise DatasetFormatError(f"{self.dataset_name}: class(es) {empty} have no training pixel")
+            raise DatasetFormatError(f"{self.dataset_name}: class(es) {empty} have no pixel in the training map "
+                                     f"{tr_file}; expected every class 1..{num_classes} to have one")
         names = list(class_names) if class_names is not None else (
             list(self.default_class_names) if len(self.default_class_names) == num_classes
             else [f"class_{k}" for k in range(1, num_classes + 1)])
         if len(names) != num_classes:
-            raise ValueError(f"{self.dataset_name}: {len(names)} class_names for {num_classes} classes")
+            raise ConfigError(f"{self.dataset_name}: {len(names)} class_names for {num_classes} classes")
 
         flat_train, flat_test = train_map.ravel(), test_map.ravel()
         pool = np.flatnonzero(flat_train)
@@ -165,7 +171,7 @@ class PairedRasterScene(ModalityDataset):
 
         self.patch, self.labelled_share = patch, labelled_share
         if labelled_share is not None and not 0 < labelled_share < 1:
-            raise ValueError(f"{self.dataset_name}: labelled_share must be in (0, 1), got {labelled_share}")
+            raise ConfigError(f"{self.dataset_name}: labelled_share must be in (0, 1), got {labelled_share}")
         half = patch // 2
         self.images: list[torch.Tensor] = []
         self.centres: list[torch.Tensor] = []

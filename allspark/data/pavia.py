@@ -29,6 +29,12 @@ Splits:
 
 Per-band mean and standard deviation are fitted on the ``train`` pixels only (after removing ``val``) and
 applied to every split, so no statistic of validation or test pixels leaks into training.
+
+Refused with ``DatasetFormatError`` naming the file: a missing or unreadable .mat file, no variable of the
+expected name and rank (or several candidates), a cube that is not 3-D real numeric or holds NaN/inf (no
+imputation), another band count than ``bands``, a ground truth of another size than the cube or with
+negative or fractional labels, a class with fewer than 2 labelled pixels, and split maps that overlap, differ
+in size from the scene or leave a class without training pixel.
 """
 from __future__ import annotations
 
@@ -42,6 +48,7 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 import torch
 
+from allspark.config import ConfigError
 from allspark.data.base import DatasetFormatError, ModalityDataset
 from allspark.registry import DATASETS
 
@@ -272,9 +279,9 @@ class PaviaUniversity(ModalityDataset):
     ) -> None:
         super().__init__(root, split)
         if not 0 < train_ratio < 1:
-            raise ValueError(f"Pavia University: train_ratio must be in (0, 1), got {train_ratio}")
+            raise ConfigError(f"Pavia University: train_ratio must be in (0, 1), got {train_ratio}")
         if not 0 <= val_ratio < 1:
-            raise ValueError(f"Pavia University: val_ratio must be in [0, 1), got {val_ratio}")
+            raise ConfigError(f"Pavia University: val_ratio must be in [0, 1), got {val_ratio}")
         cube_path, gt_path = self.root / CUBE_FILE, self.root / GT_FILE
         missing = [p.name for p in (cube_path, gt_path) if not p.is_file()]
         if missing:
@@ -294,7 +301,7 @@ class PaviaUniversity(ModalityDataset):
         num_classes = int(flat_gt.max())
 
         if split_file is None:
-            pool, test = paper_split(gt, num_classes, train_ratio, split_seed)
+            pool, test = paper_split(gt, num_classes, train_ratio, split_seed, f"ground truth {gt_path}")
             labels_of = flat_gt
         else:
             pool, test, labels_of, num_classes = self._user_split(split_file, split_keys, gt, num_classes)
@@ -304,7 +311,7 @@ class PaviaUniversity(ModalityDataset):
             class_names = PAVIA_CLASS_NAMES if num_classes == len(PAVIA_CLASS_NAMES) else [
                 f"class_{k}" for k in range(1, num_classes + 1)]
         if len(class_names) != num_classes:
-            raise ValueError(
+            raise ConfigError(
                 f"Pavia University: {len(class_names)} class_names given but the labels have {num_classes} classes"
             )
 
@@ -343,7 +350,7 @@ class PaviaUniversity(ModalityDataset):
         if not path.is_absolute() and not path.is_file():
             path = self.root / path
         if len(keys) != 2:
-            raise ValueError(f"Pavia University: split_keys must name two variables (train, test), got {keys!r}")
+            raise ConfigError(f"Pavia University: split_keys must name two variables (train, test), got {keys!r}")
         if not path.is_file():
             raise DatasetFormatError(
                 f"Pavia University: split_file {str(path)!r} is missing; expected a .mat file holding two "

@@ -22,7 +22,11 @@ the pattern, and hours absent from a file (gaps in the hourly series, rows in an
 sample of its own -- the features are the row's time, station and measurements, nothing is read from
 neighbouring hours -- so a gap needs no filling: an absent hour is simply not a sample (filling it would
 only add rows whose PM2.5 is missing, which are dropped anyway). Refused, naming the file and the row: a
-missing or non-integer ``year``/``month``/``day``/``hour``, and a month, day or hour out of range.
+missing, infinite or non-integer ``year``/``month``/``day``/``hour``; a month, day or hour out of range; an
+infinite value (``inf``, ``-inf``) in a measurement or in PM2.5 -- the files write a missing value ``NA``, so an
+infinity is a broken value, neither observed nor silently made missing; a missing ``station``; a wind
+direction that is not one of the 16 compass points. Refused naming the file: a missing column and text in a
+numeric column.
 
 Split (paper: 40% train, the rest test): a seeded random 40% of the rows is the training pool, of which
 ``val_ratio`` is held out for model selection; the remaining 60% is the test split. Standardisation
@@ -38,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from allspark.config import ConfigError
 from allspark.data.base import DatasetFormatError, ModalityDataset
 from allspark.io import atomic_file
 from allspark.registry import DATASETS
@@ -86,18 +91,37 @@ def read_station_csv(path: Path):
         )
     for c in (*CONTINUOUS, TARGET, "year", "month", "day", "hour"):
         if not pd.api.types.is_numeric_dtype(df[c]):
-            bad = df[c][pd.to_numeric(df[c], errors="coerce").isna() & df[c].notna()].iloc[0]
-            raise DatasetFormatError(f"PRSA: {path}: column {c!r} must be numeric (or NA), found {bad!r}")
+            wrong = pd.to_numeric(df[c], errors="coerce").isna() & df[c].notna()
+            k = int(np.argmax(wrong.to_numpy()))
+            raise DatasetFormatError(f"PRSA: {path}, line {k + 2}: column {c!r} must be numeric (or NA), "
+                                     f"found {df[c].iloc[k]!r}")
     for c, lo, hi in (("year", None, None), ("month", 1, 12), ("day", 1, 31), ("hour", 0, 23)):
         col = df[c].to_numpy(np.float64)
-        bad = np.isnan(col) | (col != np.round(col))
-        if lo is not None:
-            bad |= (col < lo) | (col > hi)
+        with np.errstate(invalid="ignore"):
+            bad = ~np.isfinite(col) | (col != np.round(col))
+            if lo is not None:
+                bad |= (col < lo) | (col > hi)
         if bad.any():
             k = int(np.argmax(bad))
             expected = "a whole number" + ("" if lo is None else f" in [{lo}, {hi}]")
             found = "NA (missing)" if np.isnan(col[k]) else f"{col[k]:g}"
             raise DatasetFormatError(f"PRSA: {path}, line {k + 2}: column {c!r} must be {expected}, found {found}")
+    for c in (*CONTINUOUS, TARGET):
+        inf = np.isinf(df[c].to_numpy(np.float64))
+        if inf.any():
+            k = int(np.argmax(inf))
+            raise DatasetFormatError(f"PRSA: {path}, line {k + 2}: column {c!r} must be a finite number or NA "
+                                     f"(missing), found {df[c].iloc[k]:g} ({int(inf.sum())} infinite value(s) "
+                                     "in the column)")
+    if df["station"].isna().any():
+        k = int(np.argmax(df["station"].isna().to_numpy()))
+        raise DatasetFormatError(f"PRSA: {path}, line {k + 2}: column 'station' must name the station, found NA")
+    wd = df["wd"]
+    unknown = wd.notna() & ~wd.astype(str).isin(WIND_DIRECTIONS)
+    if unknown.any():
+        k = int(np.argmax(unknown.to_numpy()))
+        raise DatasetFormatError(f"PRSA: {path}, line {k + 2}: column 'wd' must be one of {list(WIND_DIRECTIONS)} "
+                                 f"or NA, found {wd.iloc[k]!r}")
     return df
 
 
@@ -112,10 +136,6 @@ def _load_table(root: str, stamp: tuple) -> dict[str, np.ndarray]:
     df = df[df[TARGET].notna()].reset_index(drop=True)
     if n_all != len(df):
         logger.info("PRSA: dropped %d of %d rows whose %s is missing", n_all - len(df), n_all, TARGET)
-    unknown_wd = sorted(set(df["wd"].dropna().astype(str)) - set(WIND_DIRECTIONS))
-    if unknown_wd:
-        raise DatasetFormatError(f"PRSA: unknown wind direction(s) {unknown_wd[:5]} in column 'wd' under {root}; "
-                                 f"expected one of {list(WIND_DIRECTIONS)} or NA")
     return {
         "station": df["station"].astype(str).to_numpy(),
         "year": df["year"].to_numpy(np.int64),
@@ -138,7 +158,8 @@ class PRSAAirQuality(ModalityDataset):
                  split_seed: int = 0) -> None:
         super().__init__(root, split)
         if not 0 < train_ratio < 1 or not 0 <= val_ratio < 1:
-            raise ValueError(f"PRSA: train_ratio must be in (0, 1) and val_ratio in [0, 1), got {train_ratio}, {val_ratio}")
+            raise ConfigError(f"PRSA: data.args.train_ratio must be in (0, 1) and val_ratio in [0, 1), got "
+                              f"{train_ratio}, {val_ratio}")
         files = find_station_files(self.root)
         stamp = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files)
         t = _load_table(str(self.root), stamp)

@@ -15,6 +15,11 @@ Items: ``image`` float32 [3, H, W] (infrared JPEGs are decoded as RGB, as the re
 to ``image_size`` = (H, W), normalised with ImageNet statistics), ``modality`` (0 visible, 1 infrared),
 ``label`` (training identities numbered 0..K-1 in the ``train`` split, -1 elsewhere), ``pid`` (the
 identity number), ``cam`` (1..6), ``index``. Training images get a random horizontal flip.
+
+Refused with ``DatasetFormatError``: a missing camera folder (named), a split list that is missing, not
+UTF-8, empty or holds a token that is not a non-negative integer (file, line and token named), and an
+identity of the list without any image. An image that cannot be decoded raises naming the file when its
+item is read.
 """
 from __future__ import annotations
 
@@ -26,7 +31,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from allspark.data.base import DatasetFormatError, ModalityDataset
+from allspark.config import ConfigError
+from allspark.data.base import DatasetFormatError, ModalityDataset, read_utf8_text
 from allspark.data.image_folder import IMAGE_EXTENSIONS, read_image, resize_uint8
 from allspark.registry import DATASETS
 
@@ -49,8 +55,8 @@ class IdentitySampler(torch.utils.data.Sampler):
 
     def __init__(self, pids: list[int], modality: list[int], batch_size: int, per_identity: int, seed: int) -> None:
         if batch_size % per_identity:
-            raise ValueError(f"identity sampler: batch_size {batch_size} is not a multiple of images_per_identity "
-                             f"{per_identity}")
+            raise ConfigError(f"identity sampler: batch_size {batch_size} is not a multiple of images_per_identity "
+                              f"{per_identity}")
         self.groups: list[tuple[np.ndarray, np.ndarray]] = []
         pid_arr, mod_arr = np.asarray(pids), np.asarray(modality)
         for pid in sorted(set(pids)):
@@ -60,8 +66,8 @@ class IdentitySampler(torch.utils.data.Sampler):
                 self.groups.append((vis, ir))
         self.ids_per_batch = batch_size // per_identity
         if len(self.groups) < self.ids_per_batch:
-            raise ValueError(f"identity sampler: {len(self.groups)} identities have both visible and infrared "
-                             f"images; a batch needs {self.ids_per_batch}")
+            raise ConfigError(f"identity sampler: {len(self.groups)} identities have both visible and infrared "
+                              f"images; a batch needs {self.ids_per_batch}")
         self.half = per_identity // 2
         self.batch_size, self.seed, self.epoch = batch_size, seed, 0
         self.length = max(1, len(pids) // batch_size) * batch_size
@@ -89,11 +95,15 @@ class IdentitySampler(torch.utils.data.Sampler):
 def read_id_list(path: Path) -> list[int]:
     if not path.is_file():
         raise DatasetFormatError(f"SYSU-MM01: split file {path} is missing; {LAYOUT}")
-    text = path.read_text().replace("\n", ",")
-    try:
-        ids = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise DatasetFormatError(f"SYSU-MM01: {path} must hold comma-separated identity numbers") from None
+    ids = []
+    for n, line in enumerate(read_utf8_text(path, "SYSU-MM01").splitlines(), 1):
+        for token in (t.strip() for t in line.split(",")):
+            if not token:
+                continue
+            if not token.isdigit():
+                raise DatasetFormatError(f"SYSU-MM01: {path}, line {n}: expected comma-separated identity numbers, "
+                                         f"found {token!r}")
+            ids.append(int(token))
     if not ids:
         raise DatasetFormatError(f"SYSU-MM01: {path} lists no identity")
     return ids
@@ -108,8 +118,8 @@ class SYSUMM01(ModalityDataset):
                  include_val_ids: bool = False, flip: bool = True, images_per_identity: int | None = None) -> None:
         super().__init__(root, split)
         if images_per_identity is not None and (images_per_identity < 2 or images_per_identity % 2):
-            raise ValueError(f"SYSU-MM01: images_per_identity must be an even number >= 2 (half visible, half "
-                             f"infrared), got {images_per_identity}")
+            raise ConfigError(f"SYSU-MM01: images_per_identity must be an even number >= 2 (half visible, half "
+                              f"infrared), got {images_per_identity}")
         self.images_per_identity = images_per_identity
         self.image_size = (int(image_size[0]), int(image_size[1]))
         missing = [f"cam{c}" for c in range(1, 7) if not (self.root / f"cam{c}").is_dir()]

@@ -22,6 +22,14 @@ uniformly random frame; validation and test clips are centred in the video (dete
 resized to ``image_size`` x ``image_size`` (UCF's 320 x 240 is squeezed, not cropped, so an action at
 the frame's edge is kept), scaled to [0, 1] and normalised with the Kinetics mean/std. There is no
 horizontal flip: direction of motion can be what tells classes apart.
+
+**Refused** (``DatasetFormatError``, naming the list file and line): a list file that is missing or not
+UTF-8; a ``classInd.txt`` line that is not ``<index> <Class>`` or indices that are not 1..K; a list entry
+with more than two fields, a label that is not an integer or disagrees with ``classInd.txt``, a class folder
+not in ``classInd.txt``, a name that is not ``v_<Class>_gXX_cYY.avi``, and a path that leaves ``UCF-101/``
+(absolute, or climbing out with ``..``). Listed videos missing on disk are refused when the reader is
+built; a video that cannot be decoded, or is shorter than a clip, raises naming the file when its item is
+read (decoding every video up front would take minutes on the full set).
 """
 from __future__ import annotations
 
@@ -34,7 +42,8 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 import torch
 
-from allspark.data.base import DatasetFormatError, ModalityDataset
+from allspark.config import ConfigError
+from allspark.data.base import DatasetFormatError, ModalityDataset, path_inside, read_utf8_text
 from allspark.registry import DATASETS
 
 __all__ = ["UCF101", "read_clip", "clip_indices"]
@@ -94,10 +103,12 @@ def read_clip(path: Path, num_frames: int, frame_stride: int, image_size: int,
         raise DatasetFormatError(f"UCF101: cannot convert frames of {path}: {exc}") from None
 
 
-def _read_lines(path: Path) -> list[str]:
+def _read_lines(path: Path) -> list[tuple[int, str]]:
+    """(line number, stripped text) of the non-blank lines of a list file."""
     if not path.is_file():
         raise DatasetFormatError(f"UCF101: {path} is missing; {LAYOUT}")
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    lines = read_utf8_text(path, "UCF101").splitlines()
+    return [(n, line.strip()) for n, line in enumerate(lines, 1) if line.strip()]
 
 
 @DATASETS.register("ucf101")
@@ -120,11 +131,11 @@ class UCF101(ModalityDataset):
     ) -> None:
         super().__init__(root, split)
         if split_id not in (1, 2, 3):
-            raise ValueError(f"UCF101: split_id must be 1, 2 or 3, got {split_id}")
+            raise ConfigError(f"UCF101: split_id must be 1, 2 or 3, got {split_id}")
         if num_frames < 1 or frame_stride < 1 or image_size < 1:
-            raise ValueError("UCF101: num_frames, frame_stride and image_size must be positive")
+            raise ConfigError("UCF101: num_frames, frame_stride and image_size must be positive")
         if not 0 <= val_ratio < 1:
-            raise ValueError(f"UCF101: val_ratio must be in [0, 1), got {val_ratio}")
+            raise ConfigError(f"UCF101: val_ratio must be in [0, 1), got {val_ratio}")
         self.num_frames, self.frame_stride, self.image_size = num_frames, frame_stride, image_size
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1, 1)
@@ -145,7 +156,7 @@ class UCF101(ModalityDataset):
     @staticmethod
     def _read_class_index(path: Path) -> tuple[list[str], dict[str, int]]:
         entries = []
-        for n, line in enumerate(_read_lines(path), 1):
+        for n, line in _read_lines(path):
             parts = line.split()
             if len(parts) != 2 or not parts[0].isdigit():
                 raise DatasetFormatError(f"UCF101: {path} line {n}: expected '<index> <Class>', got {line!r}")
@@ -158,19 +169,27 @@ class UCF101(ModalityDataset):
 
     def _read_list(self, path: Path, label_of: dict[str, int]) -> list[tuple[Path, int]]:
         samples = []
-        for n, line in enumerate(_read_lines(path), 1):
+        for n, line in _read_lines(path):
             parts = line.split()
+            if len(parts) > 2:
+                raise DatasetFormatError(f"UCF101: {path} line {n}: expected '<Class>/<video>.avi [label]', found "
+                                         f"{len(parts)} fields: {line!r}")
             rel = parts[0]
+            video = path_inside(self.root / VIDEO_DIR, rel, f"UCF101: {path} line {n}", "video")
             cls = rel.split("/")[0]
             if cls not in label_of:
                 raise DatasetFormatError(f"UCF101: {path} line {n}: class folder {cls!r} is not in classInd.txt")
             label = label_of[cls]
-            if len(parts) > 1 and int(parts[1]) - 1 != label:
-                raise DatasetFormatError(f"UCF101: {path} line {n}: label {parts[1]} disagrees with classInd.txt "
-                                         f"({cls} is {label + 1})")
+            if len(parts) > 1:
+                if not parts[1].isdigit():
+                    raise DatasetFormatError(f"UCF101: {path} line {n}: expected an integer label (1-based, as in "
+                                             f"classInd.txt) after the video, found {parts[1]!r}")
+                if int(parts[1]) - 1 != label:
+                    raise DatasetFormatError(f"UCF101: {path} line {n}: label {parts[1]} disagrees with "
+                                             f"classInd.txt ({cls} is {label + 1})")
             if not GROUP_RE.search(rel):
                 raise DatasetFormatError(f"UCF101: {path} line {n}: {rel!r} is not named v_<Class>_gXX_cYY.avi")
-            samples.append((self.root / VIDEO_DIR / rel, label))
+            samples.append((video, label))
         return samples
 
     @staticmethod

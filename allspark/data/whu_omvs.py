@@ -43,6 +43,14 @@ Items: ``views`` float32 [V, 3, H, W] (each image standardised per image and cha
 outside [dmin, dmax]), ``depth_range`` float32 [2] = (dmin, dmax) of the reference camera, ``index``.
 ``downscale`` s: images are area-downsampled by s (PIL BOX), depth and mask take every s-th pixel and the
 first two rows of K are divided by s.
+
+Refused with ``DatasetFormatError`` naming the file: an index, image list, view-pair or camera file that is
+missing, not UTF-8 or malformed (too few or non-numeric tokens, a singular matrix, ``dmax <= dmin``); a scene
+name in ``index.txt`` or an image name in ``image_path.txt`` that leaves its folder (absolute, or climbing out
+with ``..``); a scene listed twice; a listed scene, depth map or mask folder that is missing; a view of
+``viewpair.txt`` not in ``image_path.txt`` and a reference with fewer than ``num_views - 1`` sources. Images,
+depth maps and masks are decoded when an item is read; one that cannot be decoded or whose size differs
+from its reference image raises naming the file.
 """
 from __future__ import annotations
 
@@ -55,7 +63,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from allspark.data.base import DatasetFormatError, ModalityDataset
+from allspark.config import ConfigError
+from allspark.data.base import DatasetFormatError, ModalityDataset, path_inside, read_utf8_text
 from allspark.data.image_folder import read_image
 from allspark.registry import DATASETS
 
@@ -75,7 +84,7 @@ def read_camera(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, float,
     path = Path(path)
     if not path.is_file():
         raise DatasetFormatError(f"WHU-OMVS: camera file {path} is missing; {LAYOUT}")
-    tokens = path.read_text().split()
+    tokens = read_utf8_text(path, "WHU-OMVS").split()
     if len(tokens) < 30:
         raise DatasetFormatError(f"WHU-OMVS: malformed camera file {path}: {len(tokens)} tokens, need 30; "
                                  f"{CAM_LAYOUT}")
@@ -143,10 +152,13 @@ def _read_png(path: Path, mode: str) -> np.ndarray:
 def _tokens(path: Path, what: str) -> list[str]:
     if not path.is_file():
         raise DatasetFormatError(f"WHU-OMVS: {what} {path} is missing; {LAYOUT}")
-    return path.read_text().split()
+    return read_utf8_text(path, "WHU-OMVS").split()
 
 
 def read_image_paths(path: Path) -> dict[int, str]:
+    """``info/image_path.txt`` -> {view index: name}. A name must be a relative path that stays inside the
+    scene's ``images/`` (and so ``cams/``, ``depths/``, ``masks/``) folder: an absolute name or one climbing
+    out with ``..`` is refused, naming the file and the entry."""
     tokens = _tokens(path, "image list")
     try:
         n = int(tokens[0])
@@ -154,6 +166,8 @@ def read_image_paths(path: Path) -> dict[int, str]:
     except (ValueError, IndexError):
         raise DatasetFormatError(f"WHU-OMVS: malformed {path}: expected a count N then N triples "
                                  "'index name path'") from None
+    for index, name in out.items():
+        path_inside(path.parent.parent / "images", name, f"WHU-OMVS: {path} (view {index})", "image name")
     return out
 
 
@@ -187,9 +201,9 @@ class WHUOMVS(ModalityDataset):
                  require_masks: bool = True) -> None:
         super().__init__(root, split)
         if int(num_views) < 2:
-            raise ValueError(f"WHU-OMVS: num_views must be >= 2, got {num_views}")
+            raise ConfigError(f"WHU-OMVS: num_views must be >= 2, got {num_views}")
         if int(downscale) < 1:
-            raise ValueError(f"WHU-OMVS: downscale must be an integer >= 1, got {downscale}")
+            raise ConfigError(f"WHU-OMVS: downscale must be an integer >= 1, got {downscale}")
         self.num_views, self.downscale, self.require_masks = int(num_views), int(downscale), bool(require_masks)
         folder = self.root / ("test" if split == "test" else "train")
         if not folder.is_dir():
@@ -197,7 +211,13 @@ class WHUOMVS(ModalityDataset):
         index = folder / "index.txt"
         if not index.is_file():
             raise DatasetFormatError(f"WHU-OMVS: scene list {index} is missing; {LAYOUT}")
-        scenes = index.read_text().split()
+        scenes = read_utf8_text(index, "WHU-OMVS").split()
+        for scene in scenes:
+            path_inside(folder, scene, f"WHU-OMVS: {index}", "scene folder")
+        if len(set(scenes)) != len(scenes):
+            dup = sorted({sc for sc in scenes if scenes.count(sc) > 1})
+            raise DatasetFormatError(f"WHU-OMVS: scene list {index} names scene(s) {dup} more than once; expected "
+                                     "each scene once")
         if not scenes:
             raise DatasetFormatError(f"WHU-OMVS: scene list {index} names no scene; {LAYOUT}")
         every_fifth = False
