@@ -166,10 +166,11 @@ class ModelConfig:
     prompts: PromptConfig = field(default_factory=PromptConfig)
     alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
     text_input: TextInputConfig = field(default_factory=TextInputConfig)
-    #: order of the language model's input: ``modality_first`` = [bridge tokens | prompt] (the paper's eq. 2) or
-    #: ``prompt_first`` = [prompt | bridge tokens] (a departure from the paper: the fixed evaluation prompt's
-    #: key/value cache is then computed once and reused for every sample; see allspark.model)
-    sequence: str = "modality_first"
+    #: order of the language model's input: ``prompt_first`` = [prompt | bridge tokens] (the default, a departure
+    #: from the paper: the head's last token is a bridge token, whose own state carries the sample through the
+    #: frozen LLM, and the fixed evaluation prompt's key/value cache is computed once and reused for every
+    #: sample) or ``modality_first`` = [bridge tokens | prompt] (the paper's eq. 2; see allspark.model)
+    sequence: str = "prompt_first"
 
 
 @dataclass

@@ -1,17 +1,20 @@
 """AllSpark: encoder(s) -> modal bridge -> frozen language model with adapters -> task head.
 
 Nothing here depends on a modality's name: the config names the encoders, the prompt set and the head,
-and the registries resolve them. The sequence given to the language model is, per example,
-``[bridge tokens s_i | prompt tokens T(p_i) | padding]`` (paper eq. 2, s_i before the prompt), right-padded
-with an attention mask so batched rows of different prompt lengths are exact. A task with no encoder whose
-batch carries raw text (``input_text``) takes ``[prompt | input | target]`` instead: see :mod:`allspark.language`.
+and the registries resolve them. A task with no encoder whose batch carries raw text (``input_text``) takes
+``[prompt | input | target]``: see :mod:`allspark.language`. Otherwise ``model.sequence`` orders the input:
 
-``model.sequence: prompt_first`` departs from the paper's order: ``[prompt tokens | padding | bridge tokens]``,
-the padding masked and the position ids counted over real tokens only (each row is exactly its unpadded
-sequence), the heads reading the last bridge token. Its gain is in evaluation: there every row uses the first
-prompt and no gradient is taken, so the prompt's key/value cache is computed once per model state (keyed on the
-language model's parameters' storage and version counters, so a weight update or load recomputes it) and only the
-N bridge tokens of each sample run through the language model. Training runs full forwards (random prompts).
+- ``prompt_first`` (default): ``[prompt tokens | padding | bridge tokens]``, the padding masked and the position
+  ids counted over real tokens only (each row is exactly its unpadded sequence), the heads reading the last
+  bridge token, whose own residual stream carries the sample. A departure from the paper, chosen by measurement
+  (README "Sequence order": with the paper's order the last prompt token sees the sample only through the
+  frozen LLM's attention, and real images stayed at chance). In evaluation every row uses the first prompt and
+  no gradient is taken, so the prompt's key/value cache is computed once per model state (keyed on the language
+  model's parameters' storage and version counters, so a weight update or load recomputes it) and only the N
+  bridge tokens of each sample run through the language model. Training runs full forwards (random prompts).
+- ``modality_first``: the paper's ``[bridge tokens s_i | prompt tokens T(p_i) | padding]`` (eq. 2), right-padded
+  with an attention mask so batched rows of different prompt lengths are exact; the heads read the last prompt
+  token.
 """
 from __future__ import annotations
 
