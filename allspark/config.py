@@ -171,6 +171,9 @@ class ModelConfig:
     #: frozen LLM, and the fixed evaluation prompt's key/value cache is computed once and reused for every
     #: sample) or ``modality_first`` = [bridge tokens | prompt] (the paper's eq. 2; see allspark.model)
     sequence: str = "prompt_first"
+    #: ``prompt_first`` training: run each distinct prompt of a batch once and share its key/value states across
+    #: the rows that use it (the same function as the full forward, fewer token positions); false: full forwards
+    prompt_sharing: bool = True
 
 
 @dataclass

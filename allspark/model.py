@@ -214,6 +214,37 @@ class AllSpark(nn.Module):
             state["length"] = length
         return state
 
+    def _run_shared_prompts(self, modality: torch.Tensor, prompt_index: torch.Tensor) -> LLMOutput:
+        """``prompt_first`` with gradients (training): each distinct prompt of the batch runs through the language
+        model once (K prompts, K <= B rows), its key/value states are gathered per row, and only the N bridge
+        tokens of every row run after them. The same function as the full forward over [prompt | pad | s_i] (the
+        pads masked, positions over real tokens; checked in tests/test_sequence.py) at K * P + B * N token
+        positions instead of B * (P + N): the prompts are most of the sequence (e.g. ~25 prompt tokens to 8 bridge
+        tokens). ``hidden`` covers the bridge positions only, as in :meth:`_run_cached`."""
+        from transformers import DynamicCache
+
+        device = modality.device
+        unique, inverse = torch.unique(prompt_index, return_inverse=True)
+        lengths = self.prompt_lengths[unique]
+        width = int(lengths.max())
+        steps = torch.arange(width, device=device)
+        p_mask = steps[None, :] < lengths[:, None]  # [K, width]
+        decoder = self._llm.decoder
+        out = decoder(inputs_embeds=self._llm.embed_tokens(self.prompt_ids[unique, :width]),
+                      attention_mask=p_mask.long(), position_ids=steps[None].expand(len(unique), -1), use_cache=True)
+        cache = getattr(out, "cache", None) or out.past_key_values
+        b, n = modality.shape[:2]
+        rows = DynamicCache(ddp_cache_data=[(layer.keys[inverse], layer.values[inverse]) for layer in cache.layers])
+        cache_arg = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+        mask = torch.cat([p_mask[inverse], torch.ones(b, n, dtype=torch.bool, device=device)], dim=1)
+        hidden = decoder(
+            inputs_embeds=modality.to(out.last_hidden_state.dtype), attention_mask=mask.long(),
+            position_ids=lengths[inverse][:, None] + torch.arange(n, device=device)[None], use_cache=True,
+            **{cache_arg: rows},
+        ).last_hidden_state
+        return LLMOutput(hidden, torch.ones(b, n, dtype=torch.bool, device=device),
+                         torch.full((b,), n - 1, device=device), n, modality_input=modality)
+
     def _run_cached(self, modality: torch.Tensor, k: int) -> LLMOutput:
         """``prompt_first`` evaluation: the N bridge tokens after prompt ``k``'s cached keys/values. ``hidden``
         covers the bridge positions only ([B, N, D]; the last one is the head's ``last`` token)."""
@@ -320,6 +351,11 @@ class AllSpark(nn.Module):
             uniform = self._uniform_prompt(prompt_index)
             if uniform is not None:
                 return self._run_cached(modality, uniform)
+            if self.cfg.model.prompt_sharing and not self.cfg.model.llm.gradient_checkpointing:
+                # (gradient checkpointing re-runs layers without a key/value cache: the full forward then)
+                if prompt_index is None:
+                    prompt_index = self.choose_prompts(batch_size, modality.device)
+                return self._run_shared_prompts(modality, prompt_index)
         x, mask, last, positions, start = self._build(modality, batch_size, prompt_index)
         extra = {} if positions is None else {"position_ids": positions}
         # use_cache=False: a full forward has no use for the key/value cache the decoder would otherwise fill

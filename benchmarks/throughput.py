@@ -83,6 +83,7 @@ def bench_modality(modality: str, requested: str, args) -> dict:
     overrides = [f"model.llm.dtype={LLM_DTYPES[dtype_name]}"]
     if args.llm:
         overrides.append(f"model.llm.name={args.llm}")
+    overrides += list(args.override)
     # The demo block applies when the data root is "demo"; --paper loads the config as for real data
     # (the paper's model sizes) and then feeds it the demo data.
     cfg = load_config(modality, overrides=overrides, data_root="(paper sizes)" if args.paper else None)
@@ -160,6 +161,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--llm", default=None, help="override model.llm.name (e.g. tiny)")
+    p.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="config overrides, e.g. model.prompt_sharing=false")
     p.add_argument("--paper", action="store_true", help="the paper's model sizes instead of the demo block")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "throughput.json")
     args = p.parse_args()
