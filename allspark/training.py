@@ -13,6 +13,8 @@ import logging
 import math
 import re
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, asdict
 from pathlib import Path
@@ -282,6 +284,48 @@ def _find_resume_checkpoint(cfg: Config, output_dir: Path, resume: str | Path | 
     return ckpt
 
 
+class _InterruptNow(KeyboardInterrupt):
+    """A second Ctrl-C: stop at once, mid-step, so without a checkpoint (the newest one stays the resume point)."""
+
+
+class _StepBoundaryInterrupt:
+    """Ctrl-C (SIGINT) in the training loop stops the run at the next optimizer-step boundary: the handler notes
+    it and ``requested`` (checked after each step, on every process) turns it into a ``KeyboardInterrupt``
+    there, where the weights, optimizer, scheduler, RNG and counters form a state that resumes exactly. Raised
+    at once, mid-step, the interrupt would leave the RNG (random prompts, dropout) or a half-done update ahead
+    of the saved counters. A second Ctrl-C stops at once. Installed only over Python's default handler, in the
+    main thread."""
+
+    def __init__(self) -> None:
+        self.pending = False
+        self._installed = False
+
+    def _handle(self, signum, frame) -> None:
+        if self.pending:
+            raise _InterruptNow
+        self.pending = True
+        logger.warning("interrupted: stopping after this optimizer step to save a checkpoint (Ctrl-C again to "
+                       "stop at once, without one)")
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+
+    def uninstall(self) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            self._installed = False
+
+    def requested(self, accelerator) -> bool:
+        """Whether any process was interrupted (a collective when there are several, so all stop together)."""
+        if accelerator.num_processes == 1:
+            return self.pending
+        flag = torch.tensor(float(self.pending), device=accelerator.device)
+        return accelerator.reduce(flag, "max").item() > 0
+
+
 def _tracker() -> list[str]:
     try:
         import tensorboard  # noqa: F401
@@ -433,7 +477,9 @@ def train(
                     desc=f"train {cfg.modality}")
     running_loss, running_count, t0 = 0.0, 0, time.perf_counter()
     running_extras: dict[str, list[float]] = {}  # scalar Output.extras (e.g. the alignment term), logged too
+    interrupt = _StepBoundaryInterrupt()
     try:
+        interrupt.install()
         while state.epoch < tcfg.epochs and not stop:
             epoch = state.epoch
             accelerator.step = 0  # accumulation boundaries restart with each epoch
@@ -484,6 +530,8 @@ def train(
                     running_extras.clear()
                 if step_callback is not None:
                     step_callback(state)
+                if interrupt.requested(accelerator):
+                    raise KeyboardInterrupt
                 if tcfg.save_every_steps and state.global_step % tcfg.save_every_steps == 0:
                     save_checkpoint()
                 if tcfg.max_steps and state.global_step >= tcfg.max_steps:
@@ -498,11 +546,17 @@ def train(
             if (epoch + 1) % tcfg.eval_every_epochs == 0 or epoch + 1 == tcfg.epochs or stop:
                 validate(epoch + 1)
             save_checkpoint()
+        if interrupt.requested(accelerator):  # Ctrl-C during the last validation or checkpoint
+            raise KeyboardInterrupt
+    except _InterruptNow:
+        logger.warning("interrupted again: stopping at once; the newest checkpoint is the one to resume from")
+        raise
     except KeyboardInterrupt:
         logger.warning("interrupted: saving a checkpoint at step %d to resume from", state.global_step)
         save_checkpoint()
         raise
     finally:
+        interrupt.uninstall()
         progress.close()
 
     accelerator.wait_for_everyone()
@@ -543,6 +597,13 @@ def train_stages(
     from allspark.io import atomic_dir
 
     output_dir = Path(output_dir)
+    if resume not in (None, True, False) and Path(resume).resolve() != output_dir.resolve():
+        from allspark.errors import UserError
+
+        # each stage resumes from its own newest checkpoint; a named one would be silently passed over
+        raise UserError(f"--resume {resume}: a run with train.stages resumes as a whole: give --resume without a "
+                        f"path (or the run folder {output_dir}); each unfinished stage then continues from its "
+                        "newest checkpoint")
     base = to_dict(cfg)
     base["train"]["stages"] = []
     results: dict[str, dict[str, Any]] = {}
