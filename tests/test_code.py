@@ -195,10 +195,20 @@ def test_evaluator_mrr_bleu_and_untrained_baseline(model, csn):
     codes = [ds[i]["input_text"] for i in range(6)]
     prefixes, _ = prefix_rows(model, {"input_text": codes, "prompt_index": torch.zeros(6, dtype=torch.long)})
     targets = model.text_codec.encode_targets([ds[i]["target_text"] for i in range(6)])
-    r = np.concatenate([ranks_of_true(score_continuations(model._llm, [prefixes[i] for i in p],
-                                                          [targets[i] for i in p]).numpy())
-                        for p in ([0, 1, 2, 3], [4, 5])])
-    assert m["mrr"] == pytest.approx(mrr(r))
+    pools = ([0, 1, 2, 3], [4, 5])
+    scores = [score_continuations(model._llm, [prefixes[i] for i in p], [targets[i] for i in p]) for p in pools]
+    # PMI calibration (the default): minus each docstring's log-likelihood after [prompt | sep | sep]
+    prompt = model.prompt_ids[0, : model.prompt_lengths[0]].tolist()
+    null = prompt + model.text_codec.sep + model.text_codec.sep
+    priors = [score_continuations(model._llm, [null], [targets[i] for i in p]) for p in pools]
+    raw = np.concatenate([ranks_of_true(s.numpy()) for s in scores])
+    pmi = np.concatenate([ranks_of_true((s - q).numpy()) for s, q in zip(scores, priors)])
+    assert m["calibration"] == "pmi" and m["mrr"] == pytest.approx(mrr(pmi)) == pytest.approx(m["mrr_loglik_pmi"])
+    assert m["mrr_loglik_raw"] == pytest.approx(mrr(raw))
+    none = CodeDocumentationEvaluator({}, mrr_pool=4, bleu=False, calibration="none").model_metrics(model, ds)
+    assert none["mrr"] == pytest.approx(mrr(raw)) and none["calibration"] == "none"
+    with pytest.raises(ValueError, match="calibration must be"):
+        CodeDocumentationEvaluator({}, calibration="bayes")
     emb = CodeDocumentationEvaluator({}, mrr_pool=3, ranking="embedding", bleu=False).model_metrics(model, ds)
     assert emb["ranking"] == "embedding" and emb["mrr"] == emb["mrr_embedding"] and "bleu4" not in emb
     with pytest.raises(ValueError, match="ranking must be"):

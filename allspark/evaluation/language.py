@@ -14,7 +14,11 @@ confusion matrix and a histogram of the log-likelihood margins.
   conditional log-likelihood log p(docstring | prompt, code) (pool x pool candidate scorings, batched with
   the code's key/value cache reused: :func:`allspark.language.score_continuations`); ``ranking:
   embedding`` by the cosine of mean-pooled last hidden states of the code and of the docstring, each run
-  alone through the same adapted LLM (2N forwards: the fast option for 1000-way pools).
+  alone through the same adapted LLM (2N forwards: the fast option for 1000-way pools). ``calibration: pmi``
+  (default) ranks loglik by pointwise mutual information, log p(doc | prompt, code) - log p(doc | prompt, empty
+  input) (the "surface form competition" correction of Holtzman et al., 2021): without it a docstring that is
+  likely after any code (short, generic) outranks the one the code explains; ``none``: the raw log-likelihood.
+  Both are reported (``mrr_loglik_pmi``, ``mrr_loglik_raw``).
   ``metrics.json`` says which ranking made ``mrr`` (``ranking``); the embedding MRR is always reported too.
 - ``bleu4``: corpus BLEU-4 (torchmetrics) of greedy generations against the docstrings.
 - with ``compare_untrained``: the same numbers with the adapters off (the untrained model), ``*_untrained``.
@@ -126,8 +130,11 @@ class CodeDocumentationEvaluator(Evaluator):
 
     def __init__(self, info: dict[str, Any], mrr_pool: int = 1000, ranking: str = "loglik", bleu: bool = True,
                  max_new_tokens: int = 32, compare_untrained: bool = False, batch_size: int = 8,
-                 chunk_size: int = 64, examples: int = 8) -> None:
+                 chunk_size: int = 64, examples: int = 8, calibration: str = "pmi") -> None:
         super().__init__(info)
+        if calibration not in ("pmi", "none"):
+            raise ValueError(f"code_documentation: calibration must be 'pmi' or 'none', got {calibration!r}")
+        self.calibration = calibration
         if ranking not in ("loglik", "embedding"):
             raise ValueError(f"code_documentation: ranking must be 'loglik' or 'embedding', got {ranking!r}")
         if mrr_pool < 2:
@@ -198,7 +205,12 @@ class CodeDocumentationEvaluator(Evaluator):
         ranks = emb_ranks
         if self.ranking == "loglik":
             t = time.perf_counter()
-            all_ranks = []
+            # PMI calibration: each docstring's log-likelihood after the prompt with an empty input, subtracted
+            # from its conditional one, so a docstring that is likely whatever the code (short, generic) does
+            # not outrank the one this code explains
+            prompt = model.prompt_ids[0, : model.prompt_lengths[0]].tolist()  # the evaluation prompt (as prefixes)
+            null_prefix = prompt + codec.sep + codec.sep  # [prompt | sep | (no input) | sep]
+            all_ranks, pmi_ranks = [], []
             for pool in pools:
                 cands = [targets[i] for i in pool]
                 rows = []
@@ -206,8 +218,15 @@ class CodeDocumentationEvaluator(Evaluator):
                     chunk = pool[s: s + self.batch_size]
                     rows.append(score_continuations(llm, [prefixes[i] for i in chunk], cands, pad_id=codec.pad_id,
                                                     chunk_size=self.chunk_size))
-                all_ranks.append(ranks_of_true(torch.cat(rows).cpu().numpy()))
-            ranks = np.concatenate(all_ranks)
+                scores = torch.cat(rows).cpu()
+                prior = score_continuations(llm, [null_prefix], cands, pad_id=codec.pad_id,
+                                            chunk_size=self.chunk_size).cpu()
+                all_ranks.append(ranks_of_true(scores.numpy()))
+                pmi_ranks.append(ranks_of_true((scores - prior).numpy()))
+            plain, pmi = np.concatenate(all_ranks), np.concatenate(pmi_ranks)
+            out[f"mrr_loglik_raw{suffix}"] = mrr(plain)
+            out[f"mrr_loglik_pmi{suffix}"] = mrr(pmi)
+            ranks = pmi if self.calibration == "pmi" else plain
             out[f"mrr_loglik{suffix}"] = mrr(ranks)
             logger.info("code_documentation%s: loglik MRR %.4f over %d pools (%.0f s)", suffix, out[f"mrr_loglik{suffix}"],
                         len(pools), time.perf_counter() - t)
@@ -224,6 +243,8 @@ class CodeDocumentationEvaluator(Evaluator):
             ranks, hyps if hyps is not None else None, docs if hyps is not None else None)
         out.update({f"{k}{suffix}": v for k, v in metrics.items()})
         out[f"ranking{suffix}" if suffix else "ranking"] = self.ranking
+        if self.ranking == "loglik":
+            out[f"calibration{suffix}" if suffix else "calibration"] = self.calibration
         self._ranks[suffix or "trained"] = ranks
         if not suffix and hyps is not None:
             self._samples = [(codes[i], docs[i], hyps[i]) for i in evaluated[: self.examples]]
