@@ -204,6 +204,35 @@ def stdlib_functions(max_code_chars: int = 320, modules: tuple[str, ...] | None 
     return out
 
 
+_LINE_ENDS = re.compile(r"\r\n|\r|\n")
+
+
+def _lines(source: str, lines: list[bytes] | None) -> list[bytes]:
+    """``source`` split into UTF-8 lines with their endings, as :func:`ast.get_source_segment` splits it."""
+    if lines is not None:
+        return lines
+    out, start = [], 0
+    for m in _LINE_ENDS.finditer(source):
+        out.append(source[start: m.end()].encode("utf-8"))
+        start = m.end()
+    if start < len(source):
+        out.append(source[start:].encode("utf-8"))
+    return out
+
+
+def _source_segment(lines: list[bytes], node: ast.AST) -> str | None:
+    """:func:`ast.get_source_segment` (``padded=False``) over lines split once: the node's source text (column
+    offsets are UTF-8 byte offsets)."""
+    end = getattr(node, "end_lineno", None)
+    if end is None or node.end_col_offset is None:
+        return None
+    first, last = node.lineno - 1, end - 1
+    if first == last:
+        return lines[first][node.col_offset: node.end_col_offset].decode("utf-8")
+    return (lines[first][node.col_offset:] + b"".join(lines[first + 1: last])
+            + lines[last][: node.end_col_offset]).decode("utf-8")
+
+
 def documented_functions(paths, relative_to: Path, skip: tuple[str, ...] | set[str] = ()):
     """Yield ``(relative path, node, docstring, summary, source, source without docstring)`` for every public
     (not ``_``-prefixed) function with a docstring in the Python files ``paths``; files under a folder named in
@@ -218,13 +247,14 @@ def documented_functions(paths, relative_to: Path, skip: tuple[str, ...] | set[s
             tree = ast.parse(source)
         except (SyntaxError, UnicodeDecodeError, OSError, ValueError):
             continue
+        lines: list[bytes] | None = None  # the file's lines, split once (ast.get_source_segment splits per call)
         for node in ast.walk(tree):
             if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or node.name.startswith("_"):
                 continue
             doc = ast.get_docstring(node)
             if not doc:
                 continue
-            segment = ast.get_source_segment(source, node)
+            segment = _source_segment(lines, node) if (lines := _lines(source, lines)) else None
             if segment is None:
                 continue
             original = textwrap.dedent(" " * node.col_offset + segment)
