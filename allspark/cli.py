@@ -1,4 +1,5 @@
-"""Command-line entry points: ``train.py``, ``evaluate.py`` and ``python -m allspark list``.
+"""Command-line entry points: ``train.py``, ``evaluate.py`` and ``python -m allspark list|export|predict``
+(also installed as the ``allspark`` and ``allspark-predict`` console scripts).
 
 Errors a user can cause end with one clear ``error: ...`` line on stderr and exit status 2, not a traceback:
 an :class:`allspark.errors.UserError` (a bad config key or value, data file, checkpoint path, component name) and
@@ -18,7 +19,8 @@ from typing import Callable, Sequence
 from allspark.config import ConfigError
 from allspark.errors import UserError, is_user_os_error
 
-__all__ = ["train_main", "evaluate_main", "list_main", "export_main", "main", "run_cli", "is_user_error"]
+__all__ = ["train_main", "evaluate_main", "list_main", "export_main", "predict_main", "main", "run_cli",
+           "is_user_error"]
 
 
 def is_user_error(exc: BaseException) -> bool:
@@ -133,8 +135,9 @@ def list_main(argv: Sequence[str] | None = None) -> int:
     from allspark.registry import BASELINES, DATASETS, ENCODERS, EVALUATORS, HEADS, METRICS, OBJECTIVES
 
     p = argparse.ArgumentParser(prog="python -m allspark", description="allspark utilities")
-    p.add_argument("command", choices=["list", "export"],
-                   help="list: show registered modalities and components; export: see `python -m allspark export -h`")
+    p.add_argument("command", choices=["list", "export", "predict"],
+                   help="list: show registered modalities and components; export: see `python -m allspark export -h`; "
+                        "predict: see `python -m allspark predict -h`")
     p.parse_args(argv)
     allspark.import_builtins()
     print("modalities: " + ", ".join(allspark.list_modalities()))
@@ -166,11 +169,62 @@ def export_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def predict_main(argv: Sequence[str] | None = None, prog: str = "python -m allspark predict") -> int:
+    from allspark.predict import FORMATS, PREDICTORS
+
+    families = {cls: [n for n, c in PREDICTORS.items() if c is cls] for cls in PREDICTORS.values()}
+    supported = "\n".join(f"  {', '.join(names)}: {cls.input_help}" for cls, names in families.items())
+    p = argparse.ArgumentParser(
+        prog=prog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Predict unlabelled input with a trained checkpoint: files -> a class per file, a hyperspectral\n"
+                    "scene -> a class-map GeoTIFF (georeferencing kept) and PNG, a table CSV -> a value per row,\n"
+                    "trajectories -> future positions, a sensor series -> forecasts. The preprocessing and the\n"
+                    "normalisation fitted at training are reused; outputs are written atomically (docs/predict.md).",
+        epilog=f"readers (data.dataset of the checkpoint) and their input:\n{supported}",
+    )
+    p.add_argument("--checkpoint", required=True, type=Path,
+                   help="a run folder (its best/ is used) or a folder written by save_pretrained")
+    p.add_argument("--input", required=True, nargs="+", type=Path, metavar="PATH",
+                   help="the files or folders to predict (folders are searched recursively for the reader's files)")
+    p.add_argument("--out", required=True, type=Path, metavar="FILE_OR_DIR",
+                   help="a .csv/.json file, or a folder (predictions.<format>); a scene: a .tif file or a folder "
+                        "(classmap.tif, classmap.png, classmap.<format>)")
+    p.add_argument("--format", choices=list(FORMATS),
+                   help="csv or json (default: the --out suffix's, else csv; a scene's legend: json)")
+    p.add_argument("--batch-size", type=int, help="default: the checkpoint config's data.eval_batch_size")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    p.add_argument("--mixed-precision", choices=["auto", "no", "bf16", "fp16"],
+                   help="autocast; default: the checkpoint config's train.mixed_precision (auto)")
+    p.add_argument("--top-k", type=int, default=5, help="class probabilities per row (default 5)")
+    p.add_argument("--data-root",
+                   help="the training data (default: the checkpoint config's data.root), read only where the reader "
+                        "fits statistics on the training split (hsi, msi, table)")
+    p.add_argument("--modality", help="refuse a checkpoint of another modality")
+    p.add_argument("--trust-remote-code", action="store_true", help="as for evaluate.py")
+    p.add_argument("--allow-download", action="store_true", help="as for evaluate.py")
+    args = p.parse_args(argv)
+    from allspark.predict import predict
+
+    written = predict(args.checkpoint, args.input, args.out, fmt=args.format, batch_size=args.batch_size,
+                      device=args.device, mixed_precision=args.mixed_precision, top_k=args.top_k,
+                      data_root=args.data_root, modality=args.modality, trust_remote_code=args.trust_remote_code,
+                      allow_download=args.allow_download)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print("wrote " + ", ".join(str(path) for path in written.values()))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m allspark``: ``list`` (registered components) or ``export`` (see ``export --help``)."""
+    """``python -m allspark``: ``list`` (registered components), ``export`` (see ``export --help``) or ``predict``
+    (see ``predict --help``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["export"]:
         return export_main(argv[1:])
+    if argv[:1] == ["predict"]:
+        return predict_main(argv[1:])
     return list_main(argv)
 
 
@@ -180,3 +234,13 @@ def _train_entry() -> None:
 
 def _evaluate_entry() -> None:
     run_cli(evaluate_main)
+
+
+def _main_entry() -> None:
+    """The ``allspark`` console script: ``allspark list|export|predict``."""
+    run_cli(main)
+
+
+def _predict_entry() -> None:
+    """The ``allspark-predict`` console script."""
+    run_cli(lambda: predict_main(prog="allspark-predict"))

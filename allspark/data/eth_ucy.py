@@ -69,8 +69,12 @@ def read_trajectory_file(path: Path) -> np.ndarray:
     return np.asarray(rows, dtype=np.float64)
 
 
-def extract_windows(data: np.ndarray, obs_len: int, pred_len: int, max_neighbours: int, path: Path):
-    """Social-GAN windows of one file -> (tracks [n, T, 2], neighbours [n, K, obs_len, 2], counts [n])."""
+def extract_windows(data: np.ndarray, obs_len: int, pred_len: int, max_neighbours: int, path: Path,
+                    keys: list | None = None):
+    """Social-GAN windows of one file -> (tracks [n, T, 2], neighbours [n, K, obs_len, 2], counts [n]).
+
+    ``keys``: a list to which each sample's ``(last observed frame, pedestrian id)`` is appended, in sample order
+    (``allspark predict`` names its rows with them; ``pred_len=0`` gives every observed window)."""
     frames = np.unique(data[:, 0])
     seq_len = obs_len + pred_len
     if len(frames) < 2:
@@ -101,6 +105,8 @@ def extract_windows(data: np.ndarray, obs_len: int, pred_len: int, max_neighbour
             tracks.append(track)
             neigh.append(nb)
             counts.append(len(others))
+            if keys is not None:
+                keys.append((float(window[obs_len - 1]), float(p)))
     return tracks, neigh, counts
 
 

@@ -49,7 +49,7 @@ from allspark.registry import DATASETS
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PRSAAirQuality", "PRSA_COLUMNS", "CONTINUOUS", "DISCRETE", "WIND_DIRECTIONS"]
+__all__ = ["PRSAAirQuality", "PRSA_COLUMNS", "FEATURE_COLUMNS", "CONTINUOUS", "DISCRETE", "WIND_DIRECTIONS"]
 
 PRSA_COLUMNS = ("No", "year", "month", "day", "hour", "PM2.5", "PM10", "SO2", "NO2", "CO", "O3", "TEMP",
                 "PRES", "DEWP", "RAIN", "wd", "WSPM", "station")
@@ -62,6 +62,8 @@ WIND_DIRECTIONS = ("N", "NNE", "NE", "ENE", "E", "ESE", "SE", "SSE", "S", "SSW",
 SUBFOLDER = "PRSA_Data_20130301-20170228"
 PATTERN = "PRSA_Data_*_20130301-20170228.csv"
 DEMO_STATIONS = ("Aotizhongxin", "Changping", "Dingling", "Dongsi")
+#: the columns the features are made of (what ``allspark predict`` needs of a file; No, PM2.5 and PM10 may be absent)
+FEATURE_COLUMNS = tuple(c for c in PRSA_COLUMNS if c in (*DISCRETE, *CONTINUOUS))
 
 
 def find_station_files(root: Path) -> list[Path]:
@@ -75,21 +77,25 @@ def find_station_files(root: Path) -> list[Path]:
     )
 
 
-def read_station_csv(path: Path):
-    """One station file as a pandas DataFrame, with a clear error for a missing column."""
+def read_station_csv(path: Path, columns: tuple[str, ...] = PRSA_COLUMNS):
+    """One station file as a pandas DataFrame, with a clear error for a missing column.
+
+    ``columns``: the columns the file must hold (default: every column of a station file). ``allspark predict``
+    asks for the feature columns only (:data:`FEATURE_COLUMNS`): its input may lack the target, and a column
+    not asked for is not checked."""
     import pandas as pd
 
     try:
         df = pd.read_csv(path, na_values=["NA", ""], keep_default_na=True)
     except Exception as exc:  # pandas raises several types for unreadable text
         raise DatasetFormatError(f"PRSA: cannot read {path}: {exc}") from exc
-    missing = [c for c in PRSA_COLUMNS if c not in df.columns]
+    missing = [c for c in columns if c not in df.columns]
     if missing:
         raise DatasetFormatError(
-            f"PRSA: {path} lacks column(s) {missing}; expected columns {list(PRSA_COLUMNS)}, "
+            f"PRSA: {path} lacks column(s) {missing}; expected columns {list(columns)}, "
             f"got {list(df.columns)}"
         )
-    for c in (*CONTINUOUS, TARGET, "year", "month", "day", "hour"):
+    for c in (c for c in (*CONTINUOUS, TARGET, "year", "month", "day", "hour") if c in columns):
         if not pd.api.types.is_numeric_dtype(df[c]):
             wrong = pd.to_numeric(df[c], errors="coerce").isna() & df[c].notna()
             k = int(np.argmax(wrong.to_numpy()))
@@ -106,7 +112,7 @@ def read_station_csv(path: Path):
             expected = "a whole number" + ("" if lo is None else f" in [{lo}, {hi}]")
             found = "NA (missing)" if np.isnan(col[k]) else f"{col[k]:g}"
             raise DatasetFormatError(f"PRSA: {path}, line {k + 2}: column {c!r} must be {expected}, found {found}")
-    for c in (*CONTINUOUS, TARGET):
+    for c in (c for c in (*CONTINUOUS, TARGET) if c in columns):
         inf = np.isinf(df[c].to_numpy(np.float64))
         if inf.any():
             k = int(np.argmax(inf))
