@@ -431,7 +431,7 @@ SETS: dict[str, RealSet] = {s.name: s for s in [
             lambda: require_module("digits", "sklearn.datasets", "scikit-learn") and None,
             _small() + ["data.args.image_size=64", "model.encoders.0.args.image_size=64",
                         "data.args.train_ratio=0.5", "data.args.val_ratio=0.2", "model.head.args.num_classes=10",
-                        "data.batch_size=16", "data.eval_batch_size=64", "train.lr=1e-3", "train.epochs=3"],
+                        "data.batch_size=16", "data.eval_batch_size=64", "train.lr=1e-3", "train.epochs=8"],
             "UCI handwritten digits (scikit-learn), 1797 images, 10 classes"),
     RealSet("fortunes", "text", "IMDB", "language", build_fortunes,
             lambda: require_fortunes("fortunes", tuple(c for _, c in FORTUNE_CLASSES)) and None,
