@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import difflib
 import types
 import typing
@@ -364,9 +365,22 @@ def to_dict(obj: Any) -> Any:
 # overrides
 
 
+class _OverrideLoader(yaml.SafeLoader):
+    """YAML for ``key=value`` overrides with YAML 1.2 booleans: only true/false (any case) are booleans, so
+    ``train.mixed_precision=no`` is the string ``'no'`` (YAML 1.1 would read yes/no/on/off as booleans)."""
+
+
+_OverrideLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_OverrideLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
 def _parse_value(text: str) -> Any:
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_OverrideLoader)
     except yaml.YAMLError:
         return text
 

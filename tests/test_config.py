@@ -94,3 +94,16 @@ def test_save_and_reload_round_trip(tmp_path):
     again = config_from_yaml_text((tmp_path / "config.yaml").read_text())
     assert again == cfg
     assert isinstance(again, Config)
+
+
+def test_override_values_use_yaml_1_2_booleans():
+    """``train.mixed_precision=no`` is the string 'no' (YAML 1.1 would read a boolean False and the string field
+    would refuse it); true/false stay booleans, and a boolean field refuses 'no' with a clear error."""
+    from allspark.config import ConfigError, _parse_value, load_config
+
+    assert [_parse_value(v) for v in ("no", "off", "yes", "true", "False", "{a: no}")] == [
+        "no", "off", "yes", True, False, {"a": "no"}]
+    cfg = load_config("hsi", overrides=["train.mixed_precision=no", "model.llm.name=tiny"])
+    assert cfg.train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="expected true/false, got 'no'"):
+        load_config("hsi", overrides=["model.prompt_sharing=no"])
