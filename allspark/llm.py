@@ -49,7 +49,7 @@ from torch import nn
 
 from allspark.config import AdapterConfig, ConfigError, LLMConfig
 from allspark.errors import MissingPackageError, UserFileNotFoundError
-from allspark.io import atomic_dir
+from allspark.io import atomic_dir, file_lock
 from allspark.precision import DTYPES, LLM_DTYPE_SETTINGS, resolve_dtype
 
 logger = logging.getLogger(__name__)
@@ -354,10 +354,11 @@ def _smollm2_tokenizer() -> Any:
     if _is_complete(full, model=False):
         return AutoTokenizer.from_pretrained(full)
     tok_dir = full.with_name(full.name + ".tokenizer")
-    if not _is_complete(tok_dir, model=False):
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        with atomic_dir(tok_dir) as tmp:
-            tokenizer.save_pretrained(tmp)
+    with file_lock(tok_dir.with_name(f".{tok_dir.name}.lock")):  # one writer across processes
+        if not _is_complete(tok_dir, model=False):
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            with atomic_dir(tok_dir) as tmp:
+                tokenizer.save_pretrained(tmp)
     return AutoTokenizer.from_pretrained(tok_dir)
 
 
@@ -366,23 +367,31 @@ def _load_smollm2(dtype: torch.dtype) -> tuple[nn.Module, Any, str]:
 
     gguf = smollm2_gguf_path()
     folder = _gguf_cache_dir(gguf)
-    if not _is_complete(folder, model=True):
-        logger.info("de-quantising %s once into %s", gguf, folder)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        # transformers de-quantises GGUF tensors while loading, so the weights are plain float32 already; only
-        # the "quantized with gguf" marks remain, and they block save_pretrained and would point the saved
-        # copy back at the GGUF file.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        with atomic_dir(folder) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-        del model
+    with file_lock(folder.with_name(f".{folder.name}.lock")):  # one writer across processes, the others wait
+        if not _is_complete(folder, model=True):
+            _dequantise_smollm2(gguf, folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return model, tokenizer, str(folder)
+
+
+def _dequantise_smollm2(gguf: Path, folder: Path) -> None:
+    """The GGUF file de-quantised into a transformers folder (model and tokenizer), written atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("de-quantising %s once into %s", gguf, folder)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # transformers de-quantises GGUF tensors while loading, so the weights are plain float32 already; only
+    # the "quantized with gguf" marks remain, and they block save_pretrained and would point the saved
+    # copy back at the GGUF file.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_dir(folder) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    del model
 
 
 def _build_tiny(sizes: dict[str, Any], dtype: torch.dtype) -> tuple[nn.Module, Any, str]:

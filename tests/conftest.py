@@ -19,6 +19,18 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # pytest -n N: the cores split between the workers (and their subprocesses), so N workers with torch's default
+    # thread count do not oversubscribe the machine (oneDNN kernels slow down many times when they do)
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    _threads = str(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    os.environ.setdefault("OMP_NUM_THREADS", _threads)
+    os.environ.setdefault("MKL_NUM_THREADS", _threads)
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _cache(tmp_path_factory, pytestconfig):
     saved = {k: os.environ.get(k) for k in ("ALLSPARK_CACHE", "ALLSPARK_LLM_CACHE")}
@@ -28,7 +40,14 @@ def _cache(tmp_path_factory, pytestconfig):
         base = os.environ.get("ALLSPARK_CACHE") or Path.home() / ".cache" / "allspark"
         os.environ["ALLSPARK_LLM_CACHE"] = str(Path(base).expanduser() / "llm")
     if not os.environ.get("ALLSPARK_CACHE"):
-        os.environ["ALLSPARK_CACHE"] = str(tmp_path_factory.mktemp("allspark-cache"))
+        if os.environ.get("PYTEST_XDIST_WORKER"):
+            # pytest -n N: the workers of this run share one fresh cache (under the run's own temporary folder);
+            # demo datasets are written under a file lock by whichever worker needs one first
+            shared = tmp_path_factory.getbasetemp().parent / "allspark-cache"
+            shared.mkdir(exist_ok=True)
+            os.environ["ALLSPARK_CACHE"] = str(shared)
+        else:
+            os.environ["ALLSPARK_CACHE"] = str(tmp_path_factory.mktemp("allspark-cache"))
     yield
     for key, value in saved.items():
         if value is None:

@@ -1,6 +1,7 @@
 """Dataset readers (one per official format, each with a demo generator) and data loading helpers."""
 from __future__ import annotations
 
+
 import logging
 import os
 from pathlib import Path
@@ -64,15 +65,19 @@ def demo_key(reader: Any) -> str:
 def demo_root(dataset: str, seed: int = 0) -> Path:
     """Folder of the demo dataset of reader ``dataset``; written on first use, in the reader's format, under
     ``cache_dir()/demo/<dataset>-v<demo_version>-<hash of the generator's source>-seed<seed>``."""
-    from allspark.io import atomic_dir
+    from allspark.io import atomic_dir, file_lock
 
     import_readers()
     reader = DATASETS.get(dataset)
     root = cache_dir() / "demo" / f"{dataset}-{demo_key(reader)}-seed{seed}"
     if not root.is_dir():
-        logger.info("writing the %s demo dataset to %s", dataset, root)
-        with atomic_dir(root) as tmp:
-            reader.write_demo(tmp, seed=seed)
+        # one writer per demo across processes (two runs, or test workers, sharing the cache): the others wait
+        # for it and then read its folder, which is never replaced once written
+        with file_lock(root.with_name(f".{root.name}.lock")):
+            if not root.is_dir():
+                logger.info("writing the %s demo dataset to %s", dataset, root)
+                with atomic_dir(root) as tmp:
+                    reader.write_demo(tmp, seed=seed)
     return root
 
 
