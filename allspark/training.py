@@ -350,6 +350,9 @@ def train(
     if cfg.train.stages:
         return train_stages(cfg, output_dir, resume=resume, step_callback=step_callback)
     tcfg = cfg.train
+    if tcfg.keep_checkpoints < 1:
+        raise ConfigError(f"train.keep_checkpoints must be >= 1 (the newest checkpoint is the resume point), "
+                          f"got {tcfg.keep_checkpoints}")
     accelerator = make_accelerator(
         gradient_accumulation_steps=tcfg.grad_accum_steps,
         mixed_precision=tcfg.mixed_precision,
@@ -443,6 +446,9 @@ def train(
             )
             for _, d in old[: max(0, len(old) - tcfg.keep_checkpoints)]:
                 shutil.rmtree(d, ignore_errors=True)
+            for d in ckpt.parent.iterdir():  # folders of saves a kill interrupted: never a resume point
+                if re.fullmatch(r"step-\d+\.tmp", d.name) and d.is_dir():
+                    shutil.rmtree(d, ignore_errors=True)
         accelerator.wait_for_everyone()
 
     def evaluate_split(loader, desc) -> dict[str, Any]:

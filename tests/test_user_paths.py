@@ -376,6 +376,17 @@ def test_keep_checkpoints_prunes_to_the_newest_n_also_after_a_resume(tmp_path):
     one = tmp_path / "one"
     assert run_train(hsi("train.keep_checkpoints=1", "train.max_steps=12"), one) == list(range(1, 13))
     assert checkpoint_names(one) == ["step-12"]  # epoch 1 ended at step 9, pruned at step 12
+    # the folder of a save that a kill interrupted is removed at the next save; keep_checkpoints=0 is refused
+    stale = one / "checkpoints" / "step-11.tmp"  # (not the name the next save uses itself)
+    stale.mkdir()
+    (stale / "partial.bin").write_bytes(b"x")
+    assert run_train(hsi("train.keep_checkpoints=1", "train.max_steps=13"), one, resume=True) == [13]
+    assert checkpoint_names(one) == ["step-13"] and not stale.exists()
+    assert_complete_checkpoint(one / "checkpoints" / "step-13")
+    from allspark.config import ConfigError
+
+    with pytest.raises(ConfigError, match="keep_checkpoints must be >= 1"):
+        run_train(hsi("train.keep_checkpoints=0", "train.max_steps=1"), tmp_path / "zero")
 
 
 # -- 8. every shipped config builds on its demo data ----------------------------------------------------------------
