@@ -212,6 +212,9 @@ class TrainConfig:
     save_every_steps: int | None = None
     #: how many epoch/step checkpoints to keep
     keep_checkpoints: int = 2
+    #: experiment trackers through accelerate: ``auto`` (tensorboard when it is installed), ``none``, or a list of
+    #: accelerate tracker names (tensorboard, wandb, mlflow, comet_ml, aim, clearml, dvclive, swanlab, trackio)
+    log_with: Any = "auto"
     metric_for_best: str = "top1"
     greater_is_better: bool = True
     #: evaluate on the validation split every N epochs

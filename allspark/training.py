@@ -25,7 +25,7 @@ from accelerate.utils import set_seed
 from safetensors.torch import load_file, save_file
 
 from allspark.baselines import baseline_metrics, build_baselines
-from allspark.config import Config, ConfigError, save_config
+from allspark.config import Config, ConfigError, save_config, to_dict
 from allspark.data import EpochSampler, build_dataset, build_loader, resolve_data_root
 from allspark.distributed import make_accelerator
 from allspark.errors import MissingPackageError
@@ -326,12 +326,56 @@ class _StepBoundaryInterrupt:
         return accelerator.reduce(flag, "max").item() > 0
 
 
-def _tracker() -> list[str]:
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError:
+#: accelerate tracker name -> the package that provides it (pip name)
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml",
+                    "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab", "trackio": "trackio"}
+
+
+def trackers(setting: Any) -> list[str]:
+    """``train.log_with`` -> the accelerate tracker names to log to. ``auto``: tensorboard when it is installed
+    (else none); ``none`` (or an empty list): none; a name or a list of names: each must be a known tracker whose
+    package is installed (else one clear error naming the package)."""
+    import accelerate.utils as accelerate_utils
+
+    if setting == "auto":
+        return ["tensorboard"] if accelerate_utils.is_tensorboard_available() else []
+    if setting in ("none", None, False):
         return []
-    return ["tensorboard"]
+    names = [setting] if isinstance(setting, str) else setting
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"train.log_with must be 'auto', 'none', a tracker name or a list of them, got {setting!r}")
+    out = []
+    for name in names:
+        if name not in TRACKER_PACKAGES:
+            raise ConfigError(f"train.log_with: unknown tracker {name!r}; known: auto, none, "
+                              f"{', '.join(TRACKER_PACKAGES)}")
+        if not getattr(accelerate_utils, f"is_{name}_available")():
+            from allspark.errors import MissingPackageError
+
+            raise MissingPackageError(f"train.log_with names {name!r}, whose package is not installed: run "
+                                      f"`pip install {TRACKER_PACKAGES[name]}` (or set train.log_with=none)")
+        out.append(name)
+    return out
+
+
+def _flat_config(cfg: Config) -> dict[str, Any]:
+    """The resolved config as flat ``dotted.key: value`` scalars (lists and dicts as JSON text), the form
+    trackers' hyper-parameter tables take."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(node, (list, tuple, dict)):
+            flat[prefix] = json.dumps(node, default=str)
+        elif node is None or isinstance(node, (bool, int, float, str)):
+            flat[prefix] = "None" if node is None else node
+        else:
+            flat[prefix] = str(node)
+
+    walk("", to_dict(cfg))
+    return flat
 
 
 def train(
@@ -357,7 +401,7 @@ def train(
         gradient_accumulation_steps=tcfg.grad_accum_steps,
         mixed_precision=tcfg.mixed_precision,
         llm_dtype=cfg.model.llm.dtype,
-        log_with=_tracker(),
+        log_with=trackers(tcfg.log_with),
         project_dir=str(output_dir),
     )
     main = accelerator.is_main_process
@@ -425,7 +469,7 @@ def train(
             state.global_step, revalidates=state.batches_in_epoch >= len(train_loader))
 
     log = _JsonlLog(output_dir / "log.jsonl", main)
-    accelerator.init_trackers("tensorboard", config={"modality": cfg.modality, "lr": tcfg.lr, "epochs": tcfg.epochs})
+    accelerator.init_trackers(cfg.modality, config=_flat_config(cfg))  # the full resolved config
 
     def save_checkpoint() -> None:
         ckpt = output_dir / "checkpoints" / f"step-{state.global_step}"
