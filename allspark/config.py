@@ -203,6 +203,10 @@ class TrainConfig:
     #: stop after this many optimizer steps (the schedule still spans ``epochs``); None = run all epochs
     max_steps: int | None = None
     grad_accum_steps: int = 1
+    #: attention kernel of the training forward (torch SDPA): ``auto`` = the math kernel on CPU (torch's flash
+    #: kernel's CPU backward made ~37 % of an HSI demo step; math: 1.13-1.36 s against 1.74-1.94 s per step) and
+    #: torch's own choice elsewhere; or ``math`` / ``flash`` / ``efficient`` / ``cudnn`` / ``default`` (torch's)
+    attention_kernel: str = "auto"
     #: accelerate's autocast: ``auto`` (bf16 where the device runs it natively, fp16 on a GPU with fp16 but no
     #: bf16, else ``no``; also ``no`` when model.llm.dtype is pinned to float32), ``no``, ``bf16`` or ``fp16``
     mixed_precision: str = "auto"

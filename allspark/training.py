@@ -8,6 +8,7 @@ with the same weights as an uninterrupted one), ``best/`` chosen on the validati
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -358,6 +359,26 @@ def trackers(setting: Any) -> list[str]:
     return out
 
 
+ATTENTION_KERNELS = ("auto", "default", "math", "flash", "efficient", "cudnn")
+
+
+def attention_kernel(setting: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """``train.attention_kernel`` -> a context for the training forward that picks torch's SDPA kernel (the
+    backward follows the forward's kernel). ``auto``: the math kernel on CPU, where the flash kernel's backward is
+    slow for the short sequences here; torch's own choice elsewhere."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if setting not in ATTENTION_KERNELS:
+        raise ConfigError(f"train.attention_kernel must be one of {list(ATTENTION_KERNELS)}, got {setting!r}")
+    if setting == "auto":
+        setting = "math" if device.type == "cpu" else "default"
+    if setting == "default":
+        return contextlib.nullcontext()
+    backend = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION,
+               "efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[setting]
+    return sdpa_kernel([backend])
+
+
 def _flat_config(cfg: Config) -> dict[str, Any]:
     """The resolved config as flat ``dotted.key: value`` scalars (lists and dicts as JSON text), the form
     trackers' hyper-parameter tables take."""
@@ -394,6 +415,7 @@ def train(
     if cfg.train.stages:
         return train_stages(cfg, output_dir, resume=resume, step_callback=step_callback)
     tcfg = cfg.train
+    attention_kernel(tcfg.attention_kernel, torch.device("cpu"))  # an unknown name fails before any work
     if tcfg.keep_checkpoints < 1:
         raise ConfigError(f"train.keep_checkpoints must be >= 1 (the newest checkpoint is the resume point), "
                           f"got {tcfg.keep_checkpoints}")
@@ -542,7 +564,8 @@ def train(
             model.train()
             for batch in loader:
                 with accelerator.accumulate(model):
-                    out = model(batch)
+                    with attention_kernel(tcfg.attention_kernel, accelerator.device):
+                        out = model(batch)
                     if out.loss is None:
                         raise ValueError("the head returned no loss for a training batch (are labels missing?)")
                     accelerator.backward(out.loss)

@@ -99,9 +99,11 @@ def bench_modality(modality: str, requested: str, args) -> dict:
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     autocast = (torch.autocast("cpu", dtype=DTYPES[dtype_name]) if dtype_name != "fp32" else contextlib.nullcontext())
 
+    from allspark.training import attention_kernel
+
     def train_step():
         model.train()
-        with autocast:
+        with autocast, attention_kernel(cfg.train.attention_kernel, torch.device("cpu")):  # as train() does
             loss = model(batch).loss
         loss.backward()
         optimizer.step()
