@@ -77,5 +77,10 @@ def evaluate_checkpoint(
         write_metrics(out_dir / "metrics.json", metrics)
         extras = {k: v for k, v in gathered.items() if k != split}
         evaluator.report(gathered[split], metrics, extras, out_dir, f"AllSpark evaluation: {cfg.modality} ({split})")
+        from allspark.model_card import write_model_card
+
+        unwrapped = accelerator.unwrap_model(model)
+        write_model_card(ckpt, cfg, unwrapped.info, metrics, figures=sorted(out_dir.glob("*.png")),
+                         num_trainable=unwrapped.num_parameters(trainable_only=True))
     accelerator.wait_for_everyone()
     return metrics

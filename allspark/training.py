@@ -643,6 +643,10 @@ def train(
             metrics.update(baseline_metrics(cfg, evaluator, baselines, train_set, test_set, unwrapped))
     if main:
         write_metrics(output_dir / "metrics.json", metrics)
+        from allspark.model_card import write_model_card
+
+        write_model_card(output_dir / "best", cfg, unwrapped.info, metrics,
+                         num_trainable=unwrapped.num_parameters(trainable_only=True))
         if tcfg.test_at_end:
             log.write({"test/" + k: v for k, v in metrics.items() if isinstance(v, (int, float))})
     accelerator.end_training()
