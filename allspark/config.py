@@ -219,6 +219,9 @@ class TrainConfig:
     #: experiment trackers through accelerate: ``auto`` (tensorboard when it is installed), ``none``, or a list of
     #: accelerate tracker names (tensorboard, wandb, mlflow, comet_ml, aim, clearml, dvclive, swanlab, trackio)
     log_with: Any = "auto"
+    #: keyword arguments of torch's DistributedDataParallel under a multi-process launch (accelerate's
+    #: DistributedDataParallelKwargs), e.g. {find_unused_parameters: true}
+    ddp_kwargs: dict[str, Any] = field(default_factory=dict)
     metric_for_best: str = "top1"
     greater_is_better: bool = True
     #: evaluate on the validation split every N epochs

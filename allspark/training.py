@@ -379,6 +379,22 @@ def attention_kernel(setting: str, device: torch.device) -> contextlib.AbstractC
     return sdpa_kernel([backend])
 
 
+def ddp_handlers(ddp_kwargs: dict[str, Any]) -> list[Any]:
+    """``train.ddp_kwargs`` -> accelerate's ``kwargs_handlers`` (a ``DistributedDataParallelKwargs``); an unknown
+    key is a config error listing the known ones."""
+    import dataclasses
+
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    if not ddp_kwargs:
+        return []
+    known = [f.name for f in dataclasses.fields(DistributedDataParallelKwargs)]
+    unknown = sorted(set(ddp_kwargs) - set(known))
+    if unknown:
+        raise ConfigError(f"train.ddp_kwargs: unknown key(s) {unknown}; DistributedDataParallel takes {known}")
+    return [DistributedDataParallelKwargs(**ddp_kwargs)]
+
+
 def _flat_config(cfg: Config) -> dict[str, Any]:
     """The resolved config as flat ``dotted.key: value`` scalars (lists and dicts as JSON text), the form
     trackers' hyper-parameter tables take."""
@@ -424,6 +440,7 @@ def train(
         mixed_precision=tcfg.mixed_precision,
         llm_dtype=cfg.model.llm.dtype,
         log_with=trackers(tcfg.log_with),
+        kwargs_handlers=ddp_handlers(tcfg.ddp_kwargs),
         project_dir=str(output_dir),
     )
     main = accelerator.is_main_process

@@ -48,3 +48,28 @@ def test_a_run_logs_its_config_and_curves_to_tensorboard(tmp_path):
     assert {"train/loss", "train/lr"} <= tags
     hparams = sorted((tmp_path / "run").rglob("hparams.yml"))
     assert hparams and "model.llm.name: tiny" in hparams[0].read_text()
+
+
+def test_ddp_kwargs_reach_accelerate_and_unknown_keys_are_refused():
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    from allspark.training import ddp_handlers
+
+    assert ddp_handlers({}) == []
+    (handler,) = ddp_handlers({"find_unused_parameters": True, "static_graph": False})
+    assert isinstance(handler, DistributedDataParallelKwargs) and handler.find_unused_parameters is True
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['find_unused'\]; DistributedDataParallel takes"):
+        ddp_handlers({"find_unused": True})
+    cfg = load_config("hsi", overrides=["train.ddp_kwargs={find_unused_parameters: true}"])
+    assert cfg.train.ddp_kwargs == {"find_unused_parameters": True}
+
+
+def test_the_shipped_accelerate_configs_load_in_accelerate():
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    folder = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
+    kinds = {p.stem: str(load_config_from_file(str(p)).distributed_type) for p in sorted(folder.glob("*.yaml"))}
+    assert kinds == {"ddp": "DistributedType.MULTI_GPU", "fsdp2": "DistributedType.FSDP",
+                     "deepspeed_zero2": "DistributedType.DEEPSPEED", "deepspeed_zero3": "DistributedType.DEEPSPEED"}
