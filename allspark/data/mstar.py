@@ -86,8 +86,10 @@ class MSTARSOC(ModalityDataset):
                                      "(data.args.crop_size)")
         top, left = (h - c) // 2, (w - c) // 2
         if self.jitter:
-            top = int(np.clip(top + np.random.randint(-self.jitter, self.jitter + 1), 0, h - c))
-            left = int(np.clip(left + np.random.randint(-self.jitter, self.jitter + 1), 0, w - c))
+            # torch's generator: seeded by the run (and per loader worker), restored on resume
+            dy, dx = (int(x) for x in torch.randint(-self.jitter, self.jitter + 1, (2,)))
+            top = int(np.clip(top + dy, 0, h - c))
+            left = int(np.clip(left + dx, 0, w - c))
         x = chip[top:top + c, left:left + c].astype(np.float32)[None] / 255.0
         # Per-chip standardisation: chips differ in overall gain between collections and depression
         # angles, and unit-scale inputs let BatchNorm's running statistics settle within a short run.
