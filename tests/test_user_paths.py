@@ -245,7 +245,8 @@ def test_ctrl_c_leaves_a_complete_checkpoint_that_resumes_exactly(tmp_path):
     log = out / "log.jsonl"
     with (tmp_path / "stdout").open("w") as stdout, (tmp_path / "stderr").open("w") as stderr:
         proc = subprocess.Popen([sys.executable, "train.py", "--modality", "hsi", "--output-dir", str(out), *HSI],
-                                cwd=ROOT, env=_subprocess_env(), stdout=stdout, stderr=stderr)
+                                cwd=ROOT, env=_subprocess_env(), stdout=stdout, stderr=stderr,
+                                preexec_fn=_default_sigint)
         try:
             deadline = time.monotonic() + 240
             while not (log.is_file() and '"loss"' in log.read_text()):
@@ -295,8 +296,22 @@ class _Pressed(AllSpark):
         return out
 
 
+@pytest.fixture
+def _python_sigint():
+    """Python's own Ctrl-C handler for the test: pytest-xdist workers start with SIGINT ignored, and training only
+    installs its handler over Python's default one (a process that ignores Ctrl-C keeps ignoring it)."""
+    saved = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, saved)
+
+
+def _default_sigint() -> None:
+    """preexec_fn of a child that must react to Ctrl-C even when this process ignores it (xdist workers do)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("presses", [1, 2])
-def test_ctrl_c_mid_step_stops_after_the_step_and_twice_stops_at_once(tmp_path, monkeypatch, presses):
+def test_ctrl_c_mid_step_stops_after_the_step_and_twice_stops_at_once(tmp_path, monkeypatch, presses, _python_sigint):
     import allspark.training as training
 
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
