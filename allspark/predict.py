@@ -97,6 +97,13 @@ def _default_collate(items):
 # -- the predictors -------------------------------------------------------------------------------------------------
 
 
+
+def _one_file(inputs, expected: str):
+    """The single input file of a predictor that reads one file (a scene, a sensor series); else one clear error."""
+    if len(inputs) != 1 or inputs[0].is_dir():
+        raise ConfigError(f"--input: {expected}; got {', '.join(map(str, inputs))}")
+    return inputs[0]
+
 class Predictor:
     """Turns one reader's unlabelled input into batches and the model's outputs into predictions.
 
@@ -517,10 +524,7 @@ class GraphForecastPredictor(Predictor):
     def load(self, inputs):
         from allspark.data.metr_la import _load_series
 
-        if len(inputs) != 1 or inputs[0].is_dir():
-            raise ConfigError(f"--input: a {self.cfg.modality} checkpoint forecasts one sensor-readings .h5 file; "
-                              f"got {', '.join(map(str, inputs))}")
-        path = inputs[0]
+        path = _one_file(inputs, f"a {self.cfg.modality} checkpoint forecasts one sensor-readings .h5 file")
         st = path.stat()
         times, columns, values, interval, _, _ = _load_series(str(path), (st.st_size, st.st_mtime_ns))
         ids = [str(i) for i in self.info["sensor_ids"]]
@@ -676,10 +680,7 @@ class ScenePredictor(Predictor):
     input_help = "one scene: a .mat cube (as PaviaU.mat) or a GeoTIFF cube (H x W x bands or bands x H x W)"
 
     def load(self, inputs):
-        if len(inputs) != 1 or inputs[0].is_dir():
-            raise ConfigError(f"--input: a {self.cfg.modality} checkpoint predicts one scene file (a .mat or GeoTIFF "
-                              f"cube); got {', '.join(map(str, inputs))}")
-        path = inputs[0]
+        path = _one_file(inputs, f"a {self.cfg.modality} checkpoint predicts one scene file (a .mat or GeoTIFF cube)")
         bands = int(self.info["num_bands"])
         cube, self.geo = read_scene_cube(path, bands, cube_key=self.reader_args().get("cube_key"))
         self.scene_path = path
