@@ -19,9 +19,7 @@ import argparse
 import json
 import platform
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE / "real"))
 
-from run import _clock, _fmt, _last_line, best_classical, run_metric  # noqa: E402
+from run import _clock, _fmt, _last_line, _run, best_classical, run_metric  # noqa: E402
 
 
 def modalities() -> list[str]:
@@ -43,12 +41,7 @@ def run_task(modality: str, out: Path, extra: list[str]) -> dict[str, Any]:
     cmd = [sys.executable, str(REPO / "train.py"), "--modality", modality, "--output-dir", str(run_dir), *extra]
     log = logs / f"{modality}.log"
     print(f"[{modality}] training ...", flush=True)
-    t0 = time.perf_counter()
-    with open(log, "w") as f:
-        f.write("$ " + " ".join(cmd) + "\n")
-        f.flush()
-        rc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT).returncode
-    seconds = time.perf_counter() - t0
+    rc, seconds = _run(cmd, log)
     row: dict[str, Any] = {"modality": modality, "seconds": round(seconds, 1), "status": "ok", "metric": None,
                            "greater_is_better": None, "model": None, "baseline": None, "baseline_name": None,
                            "precision": None}
