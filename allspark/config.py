@@ -231,6 +231,10 @@ class TrainConfig:
     test_at_end: bool = True
     #: only the trainable parameters matching these shell patterns train; the others are held (still saved)
     train_only: list[str] = field(default_factory=list)
+    #: learning-rate multipliers by parameter name: ``{shell pattern: factor}``, the first matching pattern
+    #: wins (e.g. ``{"encoders.0.backbone.*": 0.1}``: a pretrained backbone fine-tuned at a tenth of ``lr``);
+    #: a pattern that matches no trainable parameter is an error
+    lr_scale: dict[str, float] = field(default_factory=dict)
     #: start from the trainable weights of this checkpoint folder (parts it lacks keep their initial values)
     init_from: str | None = None
     #: training stages run in order, each ``{name: str, overrides: {dotted.key: value}}`` applied to this

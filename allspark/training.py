@@ -52,18 +52,38 @@ class TrainerState:
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """AdamW (or Lion) over trainable parameters only; no weight decay on biases and norms."""
-    decay, no_decay = [], []
+    """AdamW (or Lion) over trainable parameters only; no weight decay on biases and norms; learning-rate
+    multipliers by parameter name from ``train.lr_scale`` (one group per factor; the scheduler scales each
+    group's own rate)."""
+    import fnmatch
+
+    scales = dict(cfg.train.lr_scale or {})
+    for pattern, factor in scales.items():
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+            raise ConfigError(f"train.lr_scale[{pattern!r}] must be a number > 0, got {factor!r}")
+    used: set[str] = set()
+    # the two groups at the base rate come first, always (an optimizer state saved without lr_scale loads)
+    buckets: dict[tuple[float, bool], list[torch.nn.Parameter]] = {(1.0, True): [], (1.0, False): []}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    if not decay and not no_decay:
+        factor = 1.0
+        for pattern, f in scales.items():
+            if fnmatch.fnmatchcase(_clean_name(name), pattern):
+                factor = float(f)
+                used.add(pattern)
+                break
+        buckets.setdefault((factor, p.dim() >= 2), []).append(p)
+    if not any(buckets.values()):
         raise ValueError("the model has no trainable parameters")
-    groups = [
-        {"params": decay, "weight_decay": cfg.train.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    unused = [pat for pat in scales if pat not in used]
+    if unused:
+        names = [_clean_name(n) for n, p in model.named_parameters() if p.requires_grad][:6]
+        raise ConfigError(f"train.lr_scale pattern(s) {unused} match no trainable parameter; they are named like "
+                          f"{names}")
+    groups = [{"params": params, "weight_decay": cfg.train.weight_decay if decays else 0.0,
+               "lr": cfg.train.lr * factor}
+              for (factor, decays), params in buckets.items()]
     name = cfg.train.optimizer.lower()
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas))
@@ -74,6 +94,20 @@ def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimize
             raise MissingPackageError("train.optimizer=lion needs the lion-pytorch package: pip install lion-pytorch") from exc
         return Lion(groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas))
     raise ConfigError(f"train.optimizer must be 'adamw' or 'lion', got {cfg.train.optimizer!r}")
+
+
+def init_from_data(model: torch.nn.Module, train_set, batch_size: int) -> None:
+    """Data-dependent initialisation: every submodule with an ``init_from_data(batches)`` method (e.g. the
+    regression head's least-squares skip) sees the training split once, in order, before the first step of a
+    fresh run (a resumed run loads its weights instead). Every process reads the whole split, so all start
+    alike; the global RNG (which augmentations draw from) is left as it was."""
+    for name, module in model.named_modules():
+        if module is model or not callable(getattr(module, "init_from_data", None)):
+            continue
+        with torch.random.fork_rng(devices=[]):
+            summary = module.init_from_data(iter(build_loader(train_set, batch_size)))
+        if summary:
+            logger.info("%s initialised from the training split: %s", name, summary)
 
 
 def warmup_steps(tcfg, steps_per_epoch: int, total_steps: int) -> int:
@@ -458,6 +492,8 @@ def train(
     test_set = build_dataset(cfg, "test", root)
     info = train_set.info()
     model = AllSpark(cfg, info)
+    if resume_ckpt is None:
+        init_from_data(model, train_set, cfg.data.eval_batch_size)
     if tcfg.init_from:
         from allspark.evaluate_run import resolve_checkpoint
 

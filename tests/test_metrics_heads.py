@@ -101,3 +101,95 @@ def test_regression_head_masked_loss_and_shape_errors():
         head(hidden, {"target": torch.zeros(2, 4)})
     with pytest.raises(ValueError, match="positive"):
         RegressionHead(8, 1, target_std=0.0)
+
+
+def _skip_head(**kw):
+    info = {"target_mean": 10.0, "target_std": 2.0, "input_len": 2, "target_shape": [2, 3]}
+    return RegressionHead(4, info=info, skip="x", **kw)
+
+
+def test_regression_head_skip_hand_computed():
+    """z = linear(pooled) + W h + b with the history's steps mapped to the output steps, one W for all series."""
+    head = _skip_head()
+    assert head.out_shape == (2, 3) and head.skip.weight.shape == (2, 2)
+    hidden = _llm_out(torch.randn(1, 3, 4))
+    h = torch.tensor([[[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]])  # [B=1, 2 steps, 3 series]
+    # zero-initialised: the skip adds nothing until trained
+    base = head.unscale(head.linear(head.norm(hidden.pool("last").float())).view(1, 2, 3))
+    assert torch.equal(head(hidden, {"x": h}).predictions["pred"], base)
+    with torch.no_grad():
+        head.linear.weight.zero_(); head.linear.bias.zero_()
+        head.skip.weight.copy_(torch.tensor([[1.0, 0.0], [0.5, -1.0]]))
+        head.skip.bias.copy_(torch.tensor([0.0, 1.0]))
+    z = torch.tensor([[[1.0, 2.0, 3.0], [0.5 - 4 + 1, 1 - 5 + 1, 1.5 - 6 + 1]]])
+    pred = head(hidden, {"x": h}).predictions["pred"]
+    assert torch.allclose(pred, z * 2.0 + 10.0)
+    # a history with a trailing feature axis of one ([B, T, N, 1], the graph reader's x) reads the same
+    assert torch.allclose(head(hidden, {"x": h[..., None]}).predictions["pred"], pred)
+    # skip_scale divides the history first; 'target_std' uses the mean target spread
+    scaled = _skip_head(skip_scale="target_std")
+    assert scaled.skip_scale == 2.0
+
+
+def test_regression_head_skip_learns_what_the_pooled_state_cannot():
+    """Targets that are a linear function of the history: the head whose hidden state carries nothing learns
+    them through the skip, and the same head without the skip stays at the targets' variance."""
+    torch.manual_seed(0)
+    w_true = torch.randn(2, 2)
+    losses = {}
+    for skip in (None, "x"):
+        info = {"input_len": 2, "target_shape": [2, 3]}
+        head = RegressionHead(4, info=info, skip=skip)
+        opt = torch.optim.Adam(head.parameters(), lr=0.05)
+        for _ in range(300):
+            h = torch.randn(32, 2, 3)
+            target = torch.einsum("bts,ot->bos", h, w_true)
+            loss = head(_llm_out(torch.randn(32, 3, 4)), {"x": h, "target": target}).loss
+            opt.zero_grad(); loss.backward(); opt.step()
+        losses[skip] = loss.item()
+    assert losses["x"] < 0.01 and losses[None] > 0.5, losses
+
+
+def test_regression_head_skip_errors():
+    head = _skip_head()
+    hidden = _llm_out(torch.randn(2, 3, 4))
+    with pytest.raises(ValueError, match="no such key"):
+        head(hidden, {"obs": torch.zeros(2, 2, 3)})
+    with pytest.raises(ValueError, match=r"\[B=2, 2 steps, series with 3 values in all\].*got \[2, 5, 3\]"):
+        head(hidden, {"x": torch.zeros(2, 5, 3)})
+    with pytest.raises(ValueError, match="skip_scale"):
+        _skip_head(skip_scale=0)
+    with pytest.raises(ValueError, match="output steps, series"):
+        RegressionHead(4, 3, info={"input_len": 2}, skip="x")
+    with pytest.raises(Exception, match="skip_len=5 but the dataset gives 2 input steps"):
+        _skip_head(skip_len=5)
+
+
+def test_regression_head_skip_least_squares_start_recovers_a_linear_map():
+    """init_from_data: the ridge fit over the batches recovers an exact linear map of the history (garbage at
+    masked targets is ignored) and zeroes the pooled layer, so the head predicts the targets before training."""
+    torch.manual_seed(0)
+    info = {"target_mean": 1.0, "target_std": 3.0, "input_len": 4, "target_shape": [2, 5]}
+    head = RegressionHead(8, info=info, skip="x")
+    w_true, b_true = torch.randn(2, 4), torch.tensor([0.5, -1.0])
+    batches = []
+    for _ in range(3):
+        h = torch.randn(16, 4, 5)
+        z = torch.einsum("bts,ot->bos", h, w_true) + b_true[None, :, None]
+        mask = torch.rand(16, 2, 5) > 0.2
+        target = torch.where(mask, z * 3.0 + 1.0, torch.full_like(z, 1e6))
+        batches.append({"x": h, "target": target, "target_mask": mask})
+    summary = head.init_from_data(iter(batches), ridge=0.0)
+    assert summary["rows"] == sum(int(b["target_mask"].sum()) for b in batches)
+    assert summary["fit_mse"] == pytest.approx(0.0, abs=1e-8)
+    assert torch.allclose(head.skip.weight, w_true, atol=1e-5) and torch.allclose(head.skip.bias, b_true, atol=1e-5)
+    assert not head.linear.weight.any() and not head.linear.bias.any()
+    out = head(_llm_out(torch.randn(16, 3, 8)), batches[0])
+    assert out.loss.item() == pytest.approx(0.0, abs=1e-8)
+    # skip_init=zeros (or no skip): nothing to do
+    assert RegressionHead(8, info=info, skip="x", skip_init="zeros").init_from_data(iter(batches)) is None
+    with pytest.raises(ValueError, match="skip_init must be"):
+        RegressionHead(8, info=info, skip="x", skip_init="random")
+    empty = [{**batches[0], "target_mask": torch.zeros(16, 2, 5, dtype=torch.bool)}]
+    with pytest.raises(ValueError, match=r"no observed training target to fit the skip at output step\(s\) \[1, 2\]"):
+        RegressionHead(8, info=info, skip="x").init_from_data(iter(empty))

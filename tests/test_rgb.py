@@ -96,6 +96,48 @@ def test_frozen_backbone_tokens_stay_frozen_and_check_input():
         FrozenImageBackbone(image_size=64, info={"image_size": 96})
 
 
+def test_train_blocks_fine_tunes_the_last_blocks_only():
+    """train_blocks=2: the last two blocks and the layers after them get gradients, earlier ones none, and
+    BatchNorm statistics stay frozen; 'all' trains everything; bad values are one clear error."""
+    enc = FrozenImageBackbone(image_size=64, in_chans=3, weights="none", train_blocks=2)
+    bb = enc.backbone
+    trainable = {n.split(".")[0] + ("." + n.split(".")[1] if n.startswith("blocks.") else "")
+                 for n, p in bb.named_parameters() if p.requires_grad}
+    assert trainable == {"blocks.5", "blocks.6", "conv_head", "bn2"}
+    enc.train()
+    stats = bb.bn2.running_mean.clone()
+    enc({"image": torch.randn(2, 3, 64, 64)}).tokens.square().mean().backward()
+    assert bb.blocks[6][0].conv_pw.weight.grad is not None and bb.conv_head.weight.grad.abs().sum() > 0
+    assert bb.blocks[4][0].conv_pw.weight.grad is None and bb.conv_stem.weight.grad is None
+    assert torch.equal(bb.bn2.running_mean, stats)
+    with torch.no_grad():  # evaluation builds no graph
+        assert not enc({"image": torch.randn(1, 3, 64, 64)}).tokens.requires_grad
+    every = FrozenImageBackbone(image_size=64, in_chans=3, weights="none", train_blocks="all")
+    assert all(p.requires_grad for p in every.parameters())
+    for bad, match in ((8, "has 7 blocks"), (-1, "whole number"), ("some", "whole number")):
+        with pytest.raises(ValueError, match=match):
+            FrozenImageBackbone(image_size=64, in_chans=3, weights="none", train_blocks=bad)
+
+
+def test_lr_scale_makes_parameter_groups_with_their_own_rate():
+    from allspark.config import ConfigError, load_config
+    from allspark.training import build_optimizer
+
+    model = torch.nn.ModuleDict({"encoder": torch.nn.Linear(2, 3), "head": torch.nn.Linear(3, 1)})
+    cfg = load_config("rgb", overrides=["train.lr=0.01", "train.lr_scale={'encoder.*': 0.1}"])
+    opt = build_optimizer(cfg, model)
+    rates = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert rates[id(model["encoder"].weight)] == pytest.approx(0.001)
+    assert rates[id(model["encoder"].bias)] == pytest.approx(0.001)
+    assert rates[id(model["head"].weight)] == pytest.approx(0.01)
+    decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert decay[id(model["encoder"].bias)] == 0.0 and decay[id(model["encoder"].weight)] == cfg.train.weight_decay
+    with pytest.raises(ConfigError, match=r"\['nothing\.\*'\] match no trainable parameter"):
+        build_optimizer(load_config("rgb", overrides=["train.lr_scale={'nothing.*': 0.5}"]), model)
+    with pytest.raises(ConfigError, match="must be a number > 0"):
+        build_optimizer(load_config("rgb", overrides=["train.lr_scale={'encoder.*': 0}"]), model)
+
+
 def test_tiny_training_run_beats_chance_and_checkpoint_is_small(tmp_path):
     from allspark.config import load_config
     from allspark.training import train
