@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from allspark.types import LLMOutput
+from allspark.types import LLMOutput, LMPrefix
 
 if TYPE_CHECKING:  # pragma: no cover
     from allspark.config import TextInputConfig
@@ -48,6 +49,7 @@ __all__ = [
     "run_text_llm",
     "prefix_rows",
     "score_continuations",
+    "continuation_loglik",
     "greedy_generate",
     "pooled_embeddings",
     "adapters_off",
@@ -274,6 +276,88 @@ def score_continuations(
             total = _gathered_logp(head, picked, valid, c_ids)
         scores[bi, ki] = total
     return scores
+
+
+def continuation_loglik(
+    llm: "LoadedLLM",
+    prefix: "LMPrefix",
+    last_hidden: torch.Tensor,
+    candidates: Sequence[Sequence[int]],
+    *,
+    lead: Sequence[int] = (),
+    reuse_prefix: bool = True,
+    chunk_rows: int = 256,
+) -> torch.Tensor:
+    """Log-likelihood of each of K token sequences after every row of an embeddings prefix -> [B, K] float32.
+
+    The prefix is what the model already ran (``LLMOutput.prefix``: [prompt | bridge tokens], any order);
+    ``last_hidden`` [B, D] is the hidden state of each row's last real token (``LLMOutput.pool("last")``).
+    ``lead`` (e.g. the tokens of " Answer:") follows the prefix in every row and is not scored. Entry [b, k] is
+    ``sum_t log p(candidates[k][t] | prefix_b, lead, candidates[k][:t])`` under the LM head. Gradients flow (a
+    training loss can be built on it); wrap the call in ``torch.no_grad()`` where none is needed.
+
+    With ``reuse_prefix`` and a key/value cache on the prefix, ``lead`` runs once per row on a copy of that cache
+    and the B x K candidate rows (in chunks of ``chunk_rows``) run only their own tokens on copies of their
+    row's cache: B * (A + K * T) token positions. Otherwise every (row, candidate) pair is one full forward of
+    ``[prefix | lead | candidate]``: the same numbers (checked in tests/test_verbalizer.py) at B * K * (L + A + T)
+    positions.
+    """
+    if not candidates or any(not len(c) for c in candidates):
+        raise ValueError(f"every candidate needs at least one token, got lengths {[len(c) for c in candidates]}")
+    dec, head, embed = llm.decoder, llm.lm_head, llm.embed_tokens
+    # transformers 5 renames the decoder's ``past_key_values`` argument ``cache``
+    cache_arg = "cache" if "cache" in inspect.signature(dec.forward).parameters else "past_key_values"
+    embeds = prefix.embeds
+    device, dtype = embeds.device, embeds.dtype
+    b, k = embeds.shape[0], len(candidates)
+    c_ids, c_len = _pad(candidates, 0, device)  # [K, T]
+    lead_ids = torch.as_tensor(list(lead), dtype=torch.long, device=device)
+    a = len(lead_ids)
+    # (row, candidate) pairs, row-major: pair i is row i // K, candidate i % K
+    pair_row = torch.arange(b, device=device).repeat_interleave(k)
+    pair_cand = torch.arange(k, device=device).repeat(b)
+    parts = []
+    if reuse_prefix and prefix.cache is not None:
+        mask, pos, h = prefix.attention_mask.long(), prefix.next_position, last_hidden
+        cache = _cache_rows(prefix.cache, torch.arange(b, device=device))  # a copy: LLMOutput.prefix stays as it was
+        if a:
+            mask = torch.cat([mask, torch.ones(b, a, dtype=mask.dtype, device=device)], dim=1)
+            h = dec(inputs_embeds=embed(lead_ids)[None].expand(b, -1, -1).to(dtype), attention_mask=mask,
+                    position_ids=pos[:, None] + torch.arange(a, device=device), use_cache=True,
+                    **{cache_arg: cache}).last_hidden_state[:, -1]  # ``cache`` now covers the lead too
+            pos = pos + a
+        first = F.log_softmax(head(h).float(), dim=-1)  # [B, V]: the distribution of every candidate's first token
+        scores = first[:, c_ids[:, 0]]  # [B, K]
+        if c_ids.shape[1] > 1:
+            for start in range(0, b * k, chunk_rows):
+                rows, cands = pair_row[start: start + chunk_rows], pair_cand[start: start + chunk_rows]
+                inp = c_ids[cands, :-1]
+                steps = torch.arange(inp.shape[1], device=device)
+                valid = steps[None, :] < (c_len[cands] - 1)[:, None]
+                hidden = dec(inputs_embeds=embed(inp).to(dtype), attention_mask=torch.cat([mask[rows], valid.long()], 1),
+                             position_ids=pos[rows][:, None] + steps, use_cache=True,
+                             **{cache_arg: _cache_rows(cache, rows)}).last_hidden_state
+                parts.append(_gathered_logp(head, hidden, valid, c_ids[cands, 1:]))
+            scores = scores + torch.cat(parts).view(b, k)
+        return scores
+    width = embeds.shape[1]
+    for start in range(0, b * k, chunk_rows):
+        rows, cands = pair_row[start: start + chunk_rows], pair_cand[start: start + chunk_rows]
+        n = len(rows)
+        tail = torch.cat([lead_ids[None].expand(n, -1), c_ids[cands]], dim=1)  # [n, A + T]
+        steps = torch.arange(tail.shape[1], device=device)
+        valid = steps[None, :] < (a + c_len[cands])[:, None]
+        x = torch.cat([embeds[rows], embed(tail).to(dtype)], dim=1)
+        mask = torch.cat([prefix.attention_mask[rows].long(), valid.long()], dim=1)
+        positions = torch.cat([prefix.position_ids[rows], prefix.next_position[rows][:, None] + steps], dim=1)
+        hidden = dec(inputs_embeds=x, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
+        # tail token j is predicted at index width + j - 1, its first one at the prefix's last real token
+        t = torch.arange(c_ids.shape[1], device=device)
+        at = width + a + t[None, :] - 1
+        at = torch.where(at < width, prefix.last_index[rows][:, None], at.expand(n, -1))
+        picked = hidden[torch.arange(n, device=device)[:, None], at]
+        parts.append(_gathered_logp(head, picked, t[None, :] < c_len[cands][:, None], c_ids[cands]))
+    return torch.cat(parts).view(b, k)
 
 
 def _gathered_logp(head: nn.Module, hidden: torch.Tensor, valid: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ from allspark.io import atomic_dir
 from allspark.language import INPUT_KEY as TEXT_INPUT_KEY, TextCodec, run_text_llm
 from allspark.llm import LoadedLLM, load_llm
 from allspark.registry import ENCODERS, HEADS
-from allspark.types import LLMOutput, Output, Tokens
+from allspark.types import LLMOutput, LMPrefix, Output, Tokens
 
 logger = logging.getLogger(__name__)
 
@@ -214,7 +214,8 @@ class AllSpark(nn.Module):
             state["length"] = length
         return state
 
-    def _run_shared_prompts(self, modality: torch.Tensor, prompt_index: torch.Tensor) -> LLMOutput:
+    def _run_shared_prompts(self, modality: torch.Tensor, prompt_index: torch.Tensor, keep_prefix: bool = False
+                            ) -> LLMOutput:
         """``prompt_first`` with gradients (training): each distinct prompt of the batch runs through the language
         model once (K prompts, K <= B rows), its key/value states are gathered per row, and only the N bridge
         tokens of every row run after them. The same function as the full forward over [prompt | pad | s_i] (the
@@ -242,10 +243,18 @@ class AllSpark(nn.Module):
             position_ids=lengths[inverse][:, None] + torch.arange(n, device=device)[None], use_cache=True,
             **{cache_arg: rows},
         ).last_hidden_state
+        prefix = None
+        if keep_prefix:  # ``rows`` now holds the keys/values of [prompt | pad | s_i]
+            embeds = torch.cat([self._llm.embed_tokens(self.prompt_ids[unique, :width])[inverse],
+                                modality.to(out.last_hidden_state.dtype)], dim=1)
+            positions = torch.cat([steps[None].expand(b, -1), lengths[inverse][:, None] + torch.arange(n, device=device)],
+                                  dim=1)
+            prefix = LMPrefix(embeds, mask, positions, torch.full((b,), width + n - 1, device=device),
+                              lengths[inverse] + n, rows)
         return LLMOutput(hidden, torch.ones(b, n, dtype=torch.bool, device=device),
-                         torch.full((b,), n - 1, device=device), n, modality_input=modality)
+                         torch.full((b,), n - 1, device=device), n, modality_input=modality, prefix=prefix)
 
-    def _run_cached(self, modality: torch.Tensor, k: int) -> LLMOutput:
+    def _run_cached(self, modality: torch.Tensor, k: int, keep_prefix: bool = False) -> LLMOutput:
         """``prompt_first`` evaluation: the N bridge tokens after prompt ``k``'s cached keys/values. ``hidden``
         covers the bridge positions only ([B, N, D]; the last one is the head's ``last`` token)."""
         from transformers import DynamicCache
@@ -264,7 +273,15 @@ class AllSpark(nn.Module):
             use_cache=True, **{cache_arg: cache},
         ).last_hidden_state
         mask = torch.ones(b, n, dtype=torch.bool, device=device)
-        return LLMOutput(hidden, mask, torch.full((b,), n - 1, device=device), n, modality_input=modality)
+        prefix = None
+        if keep_prefix:  # ``cache`` now holds the keys/values of [prompt | s_i]
+            embeds = torch.cat([state["emb"][:, :length].expand(b, -1, -1), modality.to(state["emb"].dtype)], dim=1)
+            prefix = LMPrefix(embeds, torch.ones(b, length + n, dtype=torch.bool, device=device),
+                              torch.arange(length + n, device=device)[None].expand(b, -1),
+                              torch.full((b,), length + n - 1, device=device),
+                              torch.full((b,), length + n, device=device), cache)
+        return LLMOutput(hidden, mask, torch.full((b,), n - 1, device=device), n, modality_input=modality,
+                         prefix=prefix)
 
     # -- forward -------------------------------------------------------------------------------
     def choose_prompts(self, batch_size: int, device: torch.device) -> torch.Tensor:
@@ -347,21 +364,31 @@ class AllSpark(nn.Module):
         batch_size = _batch_size(batch)
         modality = self.encode(batch, token_sets) if self.bridge is not None else None
         prompt_index = batch.get("prompt_index")
+        # a head that continues the sequence with tokens of its own (the verbalizer) gets it as LLMOutput.prefix
+        keep_prefix = bool(getattr(self.head, "needs_prefix_cache", False))
         if modality is not None and self.cfg.model.sequence == "prompt_first":
             uniform = self._uniform_prompt(prompt_index)
             if uniform is not None:
-                return self._run_cached(modality, uniform)
+                return self._run_cached(modality, uniform, keep_prefix)
             if self.cfg.model.prompt_sharing and not self.cfg.model.llm.gradient_checkpointing:
                 # (gradient checkpointing re-runs layers without a key/value cache: the full forward then)
                 if prompt_index is None:
                     prompt_index = self.choose_prompts(batch_size, modality.device)
-                return self._run_shared_prompts(modality, prompt_index)
+                return self._run_shared_prompts(modality, prompt_index, keep_prefix)
         x, mask, last, positions, start = self._build(modality, batch_size, prompt_index)
         extra = {} if positions is None else {"position_ids": positions}
-        # use_cache=False: a full forward has no use for the key/value cache the decoder would otherwise fill
-        hidden = self._llm.decoder(inputs_embeds=x, attention_mask=mask.long(), use_cache=False,
-                                   **extra).last_hidden_state
-        return LLMOutput(hidden, mask, last, self.num_modality_tokens, modality_input=modality, modality_start=start)
+        # no key/value cache unless the head continues the sequence (and none with gradient checkpointing in
+        # training, which re-runs the layers without one: the head then runs full forwards over [x | its tokens])
+        cache = keep_prefix and not (self.training and self.cfg.model.llm.gradient_checkpointing)
+        out = self._llm.decoder(inputs_embeds=x, attention_mask=mask.long(), use_cache=cache, **extra)
+        prefix = None
+        if keep_prefix:
+            if positions is None:
+                positions = torch.arange(x.shape[1], device=x.device)[None].expand(batch_size, -1)
+            prefix = LMPrefix(x, mask, positions, last, positions.gather(1, last[:, None])[:, 0] + 1,
+                              (getattr(out, "cache", None) or out.past_key_values) if cache else None)
+        return LLMOutput(out.last_hidden_state, mask, last, self.num_modality_tokens, modality_input=modality,
+                         modality_start=start, prefix=prefix)
 
     def forward(self, batch: dict[str, Any]) -> Output:
         if self.alignment is None or not self.training:

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Tokens", "LLMOutput", "Output", "check_tensor", "pooled_size"]
+__all__ = ["Tokens", "LMPrefix", "LLMOutput", "Output", "check_tensor", "pooled_size"]
 
 
 @dataclass
@@ -38,6 +38,27 @@ class Tokens:
 
 
 @dataclass
+class LMPrefix:
+    """The sequence the language model ran, as a prefix that a head continues with tokens of its own (the
+    verbalizer's class names): what a decoder call on ``[prefix | new tokens]`` needs.
+
+    ``embeds`` [B, L, D] are the ``inputs_embeds`` of the whole sequence (prompt and bridge tokens, pads included),
+    ``attention_mask`` [B, L] (bool) and ``position_ids`` [B, L] as the decoder ran them; ``last_index[b]`` is the
+    index in ``embeds`` of row ``b``'s last real token (whose hidden state predicts the first new token) and
+    ``next_position[b]`` the position id of the first new token. ``cache`` is the decoder's key/value cache over
+    those L positions (a ``transformers`` cache), or None where none could be kept (gradient checkpointing in
+    training re-runs the layers without one): a continuation then runs a full forward over ``[embeds | new]``.
+    """
+
+    embeds: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    last_index: torch.Tensor
+    next_position: torch.Tensor
+    cache: Any | None = None
+
+
+@dataclass
 class LLMOutput:
     """The language model's last hidden states over ``[modality tokens | prompt tokens | pad]``
     (``model.sequence: modality_first``, the paper's order) or ``[prompt tokens | pad | modality tokens]``
@@ -58,6 +79,9 @@ class LLMOutput:
     num_modality_tokens: int
     modality_input: torch.Tensor | None = field(default=None, kw_only=True)
     modality_start: int = field(default=0, kw_only=True)
+    #: the sequence as a prefix to continue (its key/value cache): set only for a head that declares
+    #: ``needs_prefix_cache = True`` (see :class:`LMPrefix`)
+    prefix: LMPrefix | None = field(default=None, kw_only=True)
 
     def pool(self, mode: str = "last") -> torch.Tensor:
         """``last``: hidden state of the last real token (``last_index``); ``mean``: mean of the hidden states

@@ -1,0 +1,245 @@
+"""The verbalizer head (heads/verbalizer.py): class names scored by the LM head after [prompt | bridge tokens].
+
+Tiny random LLM in float32, on the HSI demo (Pavia University's nine class names). The reference for every score
+is built by hand here: one forward of the causal LM over the unpadded row ``[prompt | s_i | answer prefix | name]``
+(or ``[s_i | prompt | ...]``), its log-softmax read at the name's tokens. Measured maxima (CPU, float32) of the
+head's scores against it: 7.6e-6 on every forward path (sums of up to six log-probabilities near -11), 0.0 for
+the uncached continuation; the tests allow 1e-4 (a position id off by one moves the scores by 1.3e-3).
+"""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from allspark.config import ConfigError, load_config
+from allspark.data import build_dataset
+from allspark.errors import UserError, UserFileNotFoundError
+from allspark.model import AllSpark
+from allspark.registry import HEADS
+from heads.verbalizer import VerbalizerHead
+from tests.helpers import TINY_HSI, fit_one_batch
+
+VERBALIZER = ["model.llm.dtype=float32", "model.head={type: verbalizer, args: {}}"]
+#: the tiny LLM with larger random weights: at the default initializer_range (0.02) its tied LM head spans about
+#: +-1.3 logits, too narrow a range for a cross-entropy over nine names to fall far in a few steps
+WIDER_TINY = ("model.llm.tiny={hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, "
+              "intermediate_size: 128, initializer_range: 0.1}")
+TOL = 1e-4
+
+
+def _model(*extra: str):
+    cfg = load_config("hsi", overrides=TINY_HSI + VERBALIZER + list(extra))
+    train = build_dataset(cfg, "train")
+    torch.manual_seed(0)
+    model = AllSpark.from_config(cfg, train.info())
+    return model, train
+
+
+def _batch(train, per_class: int = 1):
+    """``per_class`` samples of every class, in class order."""
+    labels = [int(train[i]["label"]) for i in range(len(train))]
+    picked = [i for c in sorted(set(labels)) for i in [j for j, y in enumerate(labels) if y == c][:per_class]]
+    return train.collate([train[i] for i in picked])
+
+
+@pytest.fixture(scope="module")
+def prompt_first():
+    model, train = _model()
+    return model, _batch(train)
+
+
+def reference_loglik(model, s: torch.Tensor, prompt_index: list[int], names: list[str]) -> torch.Tensor:
+    """[B, K]: per row, one forward of the causal LM (its own logits) over the unpadded sequence and the name."""
+    llm, head = model._llm, model.head
+    tok = llm.tokenizer
+    lead = tok(head.answer_prefix, add_special_tokens=False)["input_ids"]
+    out = torch.zeros(len(prompt_index), len(names))
+    with torch.no_grad():
+        for b, k in enumerate(prompt_index):
+            prompt = llm.embed_tokens(model.prompt_ids[k, : model.prompt_lengths[k]])
+            parts = [prompt, s[b]] if model.cfg.model.sequence == "prompt_first" else [s[b], prompt]
+            prefix = torch.cat(parts)
+            for j, name in enumerate(names):
+                ids = tok(" " + name.replace("_", " "), add_special_tokens=False)["input_ids"]
+                x = torch.cat([prefix, llm.embed_tokens(torch.tensor(lead + ids))])[None]
+                logp = F.log_softmax(llm.model(inputs_embeds=x).logits[0].float(), dim=-1)
+                start = len(prefix) + len(lead)
+                out[b, j] = sum(logp[start - 1 + t, i] for t, i in enumerate(ids))
+    return out
+
+
+def _scores(model, batch, *, grad: bool, sharing: bool = True, reuse: bool = True):
+    """The head's summed log-likelihoods through one of the model's forward paths (eval mode: no dropout).
+    No grad: the cached evaluation prompt; grad: the shared-prompt forward (``sharing``) or the full one."""
+    model.eval()
+    model.cfg.model.prompt_sharing, model.head.reuse_prefix = sharing, reuse
+    try:
+        with torch.set_grad_enabled(grad):
+            out = model.run_llm(batch)
+            scores = model.head.score(out)
+        return scores.detach(), out
+    finally:
+        model.cfg.model.prompt_sharing, model.head.reuse_prefix = True, True
+
+
+@pytest.mark.parametrize("answer_prefix", ["", " Answer:"])
+def test_scores_equal_one_full_forward_of_the_prefix_and_the_name(prompt_first, answer_prefix):
+    """Evaluation (the cached prompt + bridge tokens, then the cache reused for every name) against the
+    hand-built forward of [prompt | s_i | answer prefix | name], per name."""
+    model, batch = prompt_first
+    default = model.head
+    model.head = VerbalizerHead(model.hidden_size, llm=model._llm, info=model.info, answer_prefix=answer_prefix)
+    try:
+        scores, out = _scores(model, batch, grad=False)
+        assert out.prefix is not None and out.prefix.cache.get_seq_length() == out.prefix.embeds.shape[1]
+        ref = reference_loglik(model, out.modality_input, [0] * len(scores), model.head.choices)
+    finally:
+        model.head = default
+    assert scores.shape == (9, 9)
+    assert (scores - ref).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("sequence", ["prompt_first", "modality_first"])
+def test_every_forward_path_gives_the_same_scores(prompt_first, sequence):
+    """Mixed prompts (padded rows): the shared-prompt forward, the full forward and the uncached continuation
+    (one full forward per sample and name) all equal the hand-built unpadded reference."""
+    model, batch = prompt_first if sequence == "prompt_first" else (_model("model.sequence=modality_first")[0],
+                                                                    prompt_first[1])
+    prompt_index = [0, 1, 2, 0, 1, 2, 2, 1, 0]
+    b = {**batch, "prompt_index": torch.tensor(prompt_index)}
+    full, out = _scores(model, b, grad=True, sharing=False)
+    ref = reference_loglik(model, out.modality_input.detach(), prompt_index, model.head.choices)
+    paths = {"full forward": full, "uncached": _scores(model, b, grad=True, sharing=False, reuse=False)[0]}
+    if sequence == "prompt_first":
+        paths["shared prompts"] = _scores(model, b, grad=True)[0]
+    for name, scores in paths.items():
+        assert (scores - ref).abs().max().item() < TOL, name
+
+
+def test_gradient_reaches_bridge_encoder_and_adapters_also_with_checkpointing(prompt_first):
+    """Training: the loss's gradient reaches the encoder, the bridge and the LoRA weights; with gradient
+    checkpointing (no key/value cache, the head runs full forwards) loss and scores are the same."""
+    model, batch = prompt_first
+    b = {**batch, "prompt_index": torch.tensor([0, 1, 2] * 3)}
+    ckpt, _ = _model("model.llm.gradient_checkpointing=true")
+    ckpt.load_trainable_state_dict(model.trainable_state_dict())
+    outs = {}
+    for name, m in (("plain", model), ("checkpointed", ckpt)):
+        m.train()
+        m.zero_grad()
+        out = m(b)
+        out.loss.backward()
+        grads = {n: p.grad for n, p in m.named_parameters() if p.requires_grad}
+        # (lora_A's gradient is zero while lora_B is at its zero initialisation, but it is in the graph)
+        assert all(g is not None for n, g in grads.items() if "lora_A" in n)
+        for part in ("encoders.", "bridge.", "lora_B"):
+            hit = [g for n, g in grads.items() if part in n and g is not None and g.abs().sum() > 0]
+            assert hit, f"{name}: no gradient reaches {part}"
+        outs[name] = out
+    assert ckpt.run_llm(b).prefix.cache is None  # the checkpointed training forward keeps no cache
+    assert outs["plain"].loss.item() == pytest.approx(outs["checkpointed"].loss.item(), abs=TOL)
+    diff = outs["plain"].predictions["choice_loglik"] - outs["checkpointed"].predictions["choice_loglik"]
+    assert diff.abs().max().item() < TOL
+    model.zero_grad()
+
+
+def test_training_loss_falls_and_a_new_label_set_changes_pred_not_weights(tmp_path):
+    model, train = _model(WIDER_TINY)
+    batch = _batch(train)
+    losses = fit_one_batch(model, batch, steps=20, lr=1e-2)
+    assert losses[-1] < 0.5 * losses[0], losses
+    names = model.head.choices
+    weights = {k: v.clone() for k, v in model.trainable_state_dict().items()}
+    before = model.predict(batch)
+    assert (before["pred"] == batch["label"]).float().mean() > 0.5  # it learnt to name the classes
+
+    # the old names reversed, and a name never seen in training at index 2
+    new = list(reversed(names))
+    new.insert(2, "Water")
+    model.head.set_choices(new)
+    new_ids = model.head.choice_ids
+    after = model.predict(batch)
+    assert after["choice_loglik"].shape == (9, 10)
+    for i, name in enumerate(names):  # every kept name: the same score in its new column
+        assert torch.allclose(after["choice_loglik"][:, new.index(name)], before["choice_loglik"][:, i], atol=TOL)
+    s = model.run_llm(batch).modality_input
+    water = reference_loglik(model, s, [0] * 9, ["Water"])[:, 0]
+    assert torch.allclose(after["choice_loglik"][:, 2], water, atol=TOL)
+    lengths = torch.tensor([len(ids) for ids in model.head.choice_ids], dtype=torch.float32)
+    assert torch.equal(after["pred"], (after["choice_loglik"] / lengths).argmax(-1))
+    kept = after["pred"] != 2
+    assert kept.any()
+    assert [new[p] for p in after["pred"][kept].tolist()] == [names[p] for p in before["pred"][kept].tolist()]
+    assert (after["pred"][kept] != before["pred"][kept]).all()  # every kept name moved to another index
+    assert all(torch.equal(v, weights[k]) for k, v in model.trainable_state_dict().items())
+
+    model.head.set_choices(names)  # and back
+    assert torch.equal(model.predict(batch)["pred"], before["pred"])
+
+    # the same set from a label file, when building the head (no dataset info: the file's size is the set's)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join(new) + "\n\n")
+    head = VerbalizerHead(model.hidden_size, llm=model._llm, labels=str(labels))
+    assert head.choices == new and head.choice_ids == new_ids
+    with pytest.raises(ConfigError, match=r"label file .*labels.txt names 10 classes, the dataset has 9"):
+        VerbalizerHead(model.hidden_size, llm=model._llm, labels=str(labels), info=train.info())
+
+
+def test_train_py_run_with_the_verbalizer_saves_and_reloads(tmp_path):
+    """``model.head.type=verbalizer`` through the training loop: it runs, logs its loss, writes metrics, and
+    the best checkpoint reloads (the head rebuilt from the config) with the same predictions."""
+    from allspark.training import train
+
+    cfg = load_config("hsi", overrides=TINY_HSI + VERBALIZER + [
+        "train.epochs=1", "train.max_steps=6", "train.log_every_steps=1", "eval.baselines=[]"])
+    metrics = train(cfg, tmp_path / "run")
+    assert 0.0 <= metrics["OA"] <= 1.0 and metrics["num_samples"] > 0
+    losses = [r["loss"] for r in map(json.loads, (tmp_path / "run" / "log.jsonl").read_text().splitlines())
+              if "loss" in r]
+    assert len(losses) >= 5 and all(torch.isfinite(torch.tensor(losses)))
+    model = AllSpark.from_pretrained(tmp_path / "run" / "best")
+    assert isinstance(model.head, VerbalizerHead) and model.head.choices == model.info["class_names"]
+    data = build_dataset(model.cfg, "test")
+    batch = data.collate([data[i] for i in range(4)])
+    assert model.predict(batch)["pred"].shape == (4,)
+
+
+def test_bad_label_sets_are_one_clear_error(prompt_first, tmp_path):
+    model, _ = prompt_first
+    llm, d = model._llm, model.hidden_size
+    with pytest.raises(ConfigError, match=r"at least two class names .* got 1: \['forest'\]"):
+        VerbalizerHead(d, llm=llm, choices=["forest"])
+    with pytest.raises(ConfigError, match=r"'forest' \(position 0\) and 'forest' \(position 2\) are the same answer"):
+        VerbalizerHead(d, llm=llm, choices=["forest", "river", "forest"])
+    with pytest.raises(ConfigError, match=r"'dense_residential' .* and 'dense residential' .* same answer"):
+        VerbalizerHead(d, llm=llm, choices=["dense_residential", "dense residential"])
+    with pytest.raises(ConfigError, match=r"position\(s\) \[1\] are empty"):
+        VerbalizerHead(d, llm=llm, choices=["forest", "  ", "river"])
+    with pytest.raises(ConfigError, match="names no classes .* model.head.args.choices"):
+        HEADS.build({"type": "verbalizer"}, hidden_size=d, optional={"info": {"num_classes": 3}, "llm": llm})
+    with pytest.raises(ConfigError, match="the dataset's class_names names 9 classes, the dataset has 3"):
+        VerbalizerHead(d, llm=llm, info={"num_classes": 3, "class_names": model.head.choices})
+    with pytest.raises(ConfigError, match="either choices .* or labels"):
+        VerbalizerHead(d, llm=llm, choices=["a", "b"], labels="x.txt")
+    with pytest.raises(UserFileNotFoundError, match=r"label file .*missing.txt does not exist"):
+        VerbalizerHead(d, llm=llm, labels=str(tmp_path / "missing.txt"))
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \n")
+    with pytest.raises(ConfigError, match=r"label file .*blank.txt: needs at least two class names .* got 0"):
+        VerbalizerHead(d, llm=llm, labels=str(blank))
+    binary = tmp_path / "labels.bin"
+    binary.write_bytes(b"\xff\xfe\x00forest")
+    with pytest.raises(UserError, match=r"cannot read label file .*labels.bin as UTF-8"):
+        VerbalizerHead(d, llm=llm, labels=str(binary))
+    with pytest.raises(ConfigError, match=r"length_norm must be one of \['mean', 'sum'\], got 'max'"):
+        VerbalizerHead(d, llm=llm, choices=["a", "b"], length_norm="max")
+    with pytest.raises(ConfigError, match="expected a list of class names, got 'forest'"):
+        model.head.set_choices("forest")
+    assert model.head.choices[0] == "Asphalt"  # a refused set leaves the head as it was
+    head = VerbalizerHead(d, llm=llm, choices=["forest", "river"])
+    model.train()
+    with pytest.raises(ValueError, match=r"holds class 5 but the head has 2 names"):
+        head(model.run_llm({**prompt_first[1], "prompt_index": torch.zeros(9, dtype=torch.long)}),
+             {"label": torch.tensor([0, 5] + [1] * 7)})
+    model.eval()
