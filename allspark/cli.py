@@ -61,14 +61,19 @@ def _train_parser() -> argparse.ArgumentParser:
         prog="train.py",
         description="Train AllSpark on one modality. Extra key.path=value arguments override the config.",
     )
-    p.add_argument("--modality", required=True, help="modality name (see `python -m allspark list`)")
-    p.add_argument("--config", type=Path, help="a YAML config to use instead of configs/<modality>.yaml")
+    p.add_argument("--modality", help="modality name (see `python -m allspark list`); several, comma-separated "
+                                      "(hsi,table), train one joint model over them (allspark.multitask)")
+    p.add_argument("--config", type=Path, help="a YAML config to use instead of configs/<modality>.yaml, or a joint "
+                                               "config listing `tasks:` (e.g. configs/joint/allspark.yaml)")
     p.add_argument("--data-root", help="dataset folder in its official layout, or 'demo' (default: the config's)")
     p.add_argument("--output-dir", type=Path, help="run folder (default: runs/<modality>)")
     p.add_argument("--resume", nargs="?", const=True, default=None,
                    help="resume from the newest checkpoint in the output dir, or from the given checkpoint dir")
     p.add_argument("--epochs", type=int, help="override train.epochs")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    p.add_argument("--init-from", type=Path,
+                   help="start from a checkpoint's trainable weights (train.init_from); a joint checkpoint is "
+                        "extended: its tasks and shared adapters are held and the --modality task(s) train beside them")
     p.add_argument("--recipe", help="a training recipe of the config's `recipes` block, e.g. 'paper' (Table II of the "
                                     "paper, tuned for a 7B LLM on GPUs); default: the config's own values, sized "
                                     "for the configured LLM")
@@ -80,12 +85,22 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     from allspark.config import load_config
     from allspark.training import train
 
-    args = _train_parser().parse_args(argv)
+    parser = _train_parser()
+    args = parser.parse_args(argv)
+    joint = (args.modality is not None and "," in args.modality) or (
+        args.config is not None and args.modality is None and _is_joint_config(args.config)) or (
+        args.init_from is not None and _is_joint_checkpoint(args.init_from))
+    if joint:
+        return _train_joint_main(args)
+    if args.modality is None:
+        parser.error("the following arguments are required: --modality")
     overrides = list(args.overrides)
     if args.epochs is not None:
         overrides.append(f"train.epochs={args.epochs}")
     if args.max_steps is not None:
         overrides.append(f"train.max_steps={args.max_steps}")
+    if args.init_from is not None:
+        overrides.append(f"train.init_from={args.init_from}")
     cfg = load_config(args.modality, path=args.config, overrides=overrides, data_root=args.data_root,
                       recipe=args.recipe)
     if cfg.modality != args.modality:
@@ -95,6 +110,58 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     metrics = train(cfg, output_dir, resume=resume)
     _print_summary(metrics, output_dir / "metrics.json")
     return 0
+
+
+def _is_joint_checkpoint(path: Path) -> bool:
+    from allspark.multitask import is_joint_checkpoint
+
+    return is_joint_checkpoint(path)
+
+
+def _is_joint_config(path: Path) -> bool:
+    from allspark.multitask import is_joint_config_file
+
+    return is_joint_config_file(path)
+
+
+def _train_joint_main(args: argparse.Namespace) -> int:
+    """``train.py --modality a,b`` or ``--config JOINT.yaml``: one model over several tasks (allspark.multitask).
+    ``joint.key=value`` overrides the joint config, ``TASK:key=value`` one task, ``key=value`` every task."""
+    from allspark.multitask import load_joint_config, train_joint
+
+    if args.recipe is not None:
+        raise ConfigError("--recipe names a block of one task's config and is not supported in a joint run yet; "
+                          "set its values per task with TASK:key=value")
+    overrides = list(args.overrides)
+    if args.epochs is not None:
+        overrides.append(f"train.epochs={args.epochs}")  # every task's (the run's default length follows)
+    if args.max_steps is not None:
+        overrides.append(f"joint.train.max_steps={args.max_steps}")
+    if args.init_from is not None:
+        overrides.append(f"joint.init_from={args.init_from}")
+    if args.config is not None:
+        if args.modality is not None:
+            raise ConfigError("give a joint run's tasks either in --config (a joint config) or as --modality a,b")
+        cfg = load_joint_config(args.config, overrides=overrides, data_root=args.data_root)
+    else:
+        cfg = load_joint_config(tasks=[t.strip() for t in args.modality.split(",")], overrides=overrides,
+                                data_root=args.data_root)
+    names = [s.name for s in cfg.task_specs()]
+    output_dir = args.output_dir or Path("runs") / "+".join(names)
+    resume = args.resume if args.resume in (None, True) else Path(args.resume)
+    metrics = train_joint(cfg, output_dir, resume=resume)
+    _print_joint_summary(metrics, output_dir / "metrics.json")
+    return 0
+
+
+def _print_joint_summary(metrics: dict, path: Path) -> None:
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        for name, task in metrics.get("tasks", {}).items():
+            scalars = {k: v for k, v in task.items() if isinstance(v, float)}
+            print(f"{name}: " + ", ".join(f"{k}={v:.4f}" for k, v in scalars.items()))
+        print(f"({path})")
 
 
 def _print_summary(metrics: dict, path: Path) -> None:
@@ -109,7 +176,8 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     from allspark.evaluate_run import evaluate_checkpoint
 
     p = argparse.ArgumentParser(prog="evaluate.py", description="Evaluate a trained AllSpark checkpoint.")
-    p.add_argument("--modality", required=True)
+    p.add_argument("--modality", help="the checkpoint's modality (required for a single-task checkpoint); for a "
+                                      "joint checkpoint the one task to evaluate (default: every task)")
     p.add_argument("--checkpoint", required=True, type=Path,
                    help="a run folder (its best/ is used) or a folder written by save_pretrained")
     p.add_argument("--data-root", help="dataset folder, or 'demo' (default: the checkpoint config's)")
@@ -122,6 +190,15 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
                    help="allow loading a Hugging Face hub id that the checkpoint's config names as its LLM (may "
                         "download it); refused otherwise")
     args = p.parse_args(argv)
+    from allspark.multitask import evaluate_joint, is_joint_checkpoint
+
+    if is_joint_checkpoint(args.checkpoint):
+        metrics = evaluate_joint(args.checkpoint, tasks=[args.modality] if args.modality else None,
+                                 data_root=args.data_root, output_dir=args.output_dir, split=args.split)
+        _print_joint_summary(metrics, (args.output_dir or (args.checkpoint / "eval")) / "metrics.json")
+        return 0
+    if args.modality is None:
+        p.error("the following arguments are required: --modality")
     metrics = evaluate_checkpoint(args.checkpoint, modality=args.modality, data_root=args.data_root,
                                   output_dir=args.output_dir, split=args.split,
                                   trust_remote_code=args.trust_remote_code, allow_download=args.allow_download)
