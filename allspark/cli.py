@@ -1,4 +1,4 @@
-"""Command-line entry points: ``train.py``, ``evaluate.py`` and ``python -m allspark list|export|predict``
+"""Command-line entry points: ``train.py``, ``evaluate.py`` and ``python -m allspark list|export|predict|ask``
 (also installed as the ``allspark`` and ``allspark-predict`` console scripts).
 
 Errors a user can cause end with one clear ``error: ...`` line on stderr and exit status 2, not a traceback:
@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 from allspark.config import ConfigError
 from allspark.errors import UserError, is_user_os_error
 
-__all__ = ["train_main", "evaluate_main", "list_main", "export_main", "predict_main", "main", "run_cli",
+__all__ = ["train_main", "evaluate_main", "list_main", "export_main", "predict_main", "ask_main", "main", "run_cli",
            "is_user_error"]
 
 
@@ -212,9 +212,9 @@ def list_main(argv: Sequence[str] | None = None) -> int:
     from allspark.registry import BASELINES, DATASETS, ENCODERS, EVALUATORS, HEADS, METRICS, OBJECTIVES
 
     p = argparse.ArgumentParser(prog="python -m allspark", description="allspark utilities")
-    p.add_argument("command", choices=["list", "export", "predict"],
+    p.add_argument("command", choices=["list", "export", "predict", "ask"],
                    help="list: show registered modalities and components; export: see `python -m allspark export -h`; "
-                        "predict: see `python -m allspark predict -h`")
+                        "predict: see `python -m allspark predict -h`; ask: see `python -m allspark ask -h`")
     p.parse_args(argv)
     allspark.import_builtins()
     print("modalities: " + ", ".join(allspark.list_modalities()))
@@ -294,14 +294,46 @@ def predict_main(argv: Sequence[str] | None = None, prog: str = "python -m allsp
     return 0
 
 
+def ask_main(argv: Sequence[str] | None = None, prog: str = "python -m allspark ask") -> int:
+    p = argparse.ArgumentParser(
+        prog=prog, description="Answer a question about each input in words: the checkpoint's LLM continues "
+                               "[question | the input's bridge tokens] (transformers' generate). Answers are only as "
+                               "good as the training: a task trained with the verbalizer head answers with its class "
+                               "names, one trained with a linear head was never asked for words.")
+    p.add_argument("question", help='the question, e.g. "What covers most of this scene?"')
+    p.add_argument("--checkpoint", required=True, type=Path, help="a run folder (its best/) or a saved model folder")
+    p.add_argument("--input", required=True, action="append", type=Path,
+                   help="a file or folder, read as predict reads it (repeat --input for several)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, help="seed of the sampling")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--data-root", help="the training data, for readers that need its statistics (as for predict)")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--allow-download", action="store_true")
+    args = p.parse_args(argv)
+    from allspark.predict import ask
+
+    for row in ask(args.checkpoint, args.input, args.question, max_new_tokens=args.max_new_tokens,
+                   do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                   batch_size=args.batch_size, data_root=args.data_root, trust_remote_code=args.trust_remote_code,
+                   allow_download=args.allow_download):
+        print(f"{row['input']}: {row['answer']}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m allspark``: ``list`` (registered components), ``export`` (see ``export --help``) or ``predict``
-    (see ``predict --help``)."""
+    """``python -m allspark``: ``list`` (registered components), ``export`` (see ``export --help``), ``predict``
+    (see ``predict --help``) or ``ask`` (see ``ask --help``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["export"]:
         return export_main(argv[1:])
     if argv[:1] == ["predict"]:
         return predict_main(argv[1:])
+    if argv[:1] == ["ask"]:
+        return ask_main(argv[1:], prog="allspark ask")
     return list_main(argv)
 
 
@@ -314,7 +346,7 @@ def _evaluate_entry() -> None:
 
 
 def _main_entry() -> None:
-    """The ``allspark`` console script: ``allspark list|export|predict``."""
+    """The ``allspark`` console script: ``allspark list|export|predict|ask``."""
     run_cli(main)
 
 

@@ -423,6 +423,54 @@ class AllSpark(nn.Module):
         finally:
             self.train(was_training)
 
+    @torch.no_grad()
+    def ask(self, batch: dict[str, Any], prompts: str | list[str], *, max_new_tokens: int = 32,
+            do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0) -> list[str]:
+        """Free-form answers: the language model continues each sample's sequence with text, through
+        transformers' ``generate`` on ``inputs_embeds``. The user's ``prompts`` (one for all rows or one per row)
+        take the place of the task prompt: ``[prompt | bridge tokens]`` (``prompt_first``) or ``[bridge tokens |
+        prompt]`` (``modality_first``), rows left-padded; greedy unless ``do_sample`` (then ``temperature`` and
+        ``top_p``; seed torch for repeatable samples). Returns the decoded answers (special tokens dropped).
+
+        What the answer is worth depends on training: a task trained with a linear head never asked the LLM
+        for words; one trained with the ``verbalizer`` head answers with its class names."""
+        if self.bridge is None:
+            raise ValueError("ask needs a modality task (an encoder and the bridge); text and code tasks answer "
+                             "through their language_model head")
+        b = _batch_size(batch)
+        if isinstance(prompts, str):
+            prompts = [prompts] * b
+        if not isinstance(prompts, (list, tuple)) or len(prompts) != b or not all(isinstance(q, str) for q in prompts):
+            raise ValueError(f"ask: expected one prompt string or a list of {b} (one per row), got {prompts!r}")
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+            raise ValueError(f"ask: max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
+        was_training = self.training
+        self.eval()
+        try:
+            modality = self.encode(batch)  # [B, N, D]
+            tok = self._llm.tokenizer
+            embed = self._llm.embed_tokens
+            dtype, device = embed.weight.dtype, embed.weight.device
+            rows = []
+            for i, q in enumerate(prompts):
+                ids = torch.tensor(tok(q, add_special_tokens=False)["input_ids"], dtype=torch.long, device=device)
+                parts = [embed(ids), modality[i].to(dtype)]
+                rows.append(torch.cat(parts if self.cfg.model.sequence == "prompt_first" else parts[::-1], dim=0))
+            width = max(r.shape[0] for r in rows)
+            x = torch.zeros(b, width, rows[0].shape[1], dtype=dtype, device=device)
+            mask = torch.zeros(b, width, dtype=torch.long, device=device)
+            for i, r in enumerate(rows):  # left padding: generation continues every row at its end
+                x[i, width - r.shape[0]:] = r
+                mask[i, width - r.shape[0]:] = 1
+            pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+            sampling = {"do_sample": True, "temperature": float(temperature), "top_p": float(top_p)} if do_sample \
+                else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+            out = self._llm.model.generate(inputs_embeds=x, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                           pad_token_id=pad, eos_token_id=tok.eos_token_id, **sampling)
+            return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
+        finally:
+            self.train(was_training)
+
     # -- trainable state -------------------------------------------------------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Trainable parameters (encoders, bridge, adapters, head) and the persistent buffers outside

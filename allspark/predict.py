@@ -928,3 +928,48 @@ def predict(
             logger.info("wrote %s: %s", role, path)
     accelerator.wait_for_everyone()
     return targets
+
+
+def ask(checkpoint: str | Path, inputs: Sequence[str | Path], question: str, *, max_new_tokens: int = 32,
+        do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
+        batch_size: int | None = None, data_root: str | None = None, trust_remote_code: bool = False,
+        allow_download: bool = False) -> list[dict[str, Any]]:
+    """``allspark ask``: ``question`` answered in words for every input (read as ``predict`` reads it), through
+    :meth:`AllSpark.ask`; returns ``[{"input": name, "answer": text}, ...]`` in input order. Greedy unless
+    ``do_sample`` (``seed`` makes samples repeatable). Per-pixel scene tasks (hsi and the fused rasters) are
+    refused: they have one answer per pixel, which is what ``predict`` writes as a class map."""
+    from allspark.data import build_loader
+    from allspark.evaluate_run import resolve_checkpoint
+    from allspark.model import CONFIG_NAME, INFO_NAME, WEIGHTS_NAME, AllSpark
+
+    if not isinstance(question, str) or not question.strip():
+        raise ConfigError("ask: give the question as a non-empty string")
+    checkpoint = Path(checkpoint).expanduser()
+    if not checkpoint.exists():
+        raise UserFileNotFoundError(f"checkpoint {checkpoint} does not exist")
+    ckpt = resolve_checkpoint(checkpoint)
+    for name in (WEIGHTS_NAME, CONFIG_NAME, INFO_NAME):
+        if not (ckpt / name).is_file():
+            raise UserFileNotFoundError(f"{ckpt} is not an AllSpark checkpoint: {name} is missing")
+    cfg = config_from_yaml_text((ckpt / CONFIG_NAME).read_text())
+    info = json.loads((ckpt / INFO_NAME).read_text())
+    paths = [Path(p).expanduser() for p in inputs]
+    if not paths:
+        raise ConfigError("--input: give at least one file or folder")
+    for p in paths:
+        if not p.exists():
+            raise UserFileNotFoundError(f"input {p} does not exist")
+    predictor = build_predictor(cfg, info, ckpt, data_root=data_root)
+    if predictor.kind == "scene":
+        raise ConfigError(f"ask answers per input; a {cfg.modality} checkpoint classifies a scene pixel by pixel: "
+                          "use `allspark predict` for its class map")
+    dataset = predictor.load(paths)
+    model = AllSpark.from_pretrained(ckpt, trust_remote_code=trust_remote_code, allow_download=allow_download)
+    names = list(getattr(dataset, "names", None) or range(len(dataset)))
+    if seed is not None:
+        torch.manual_seed(seed)
+    answers: list[str] = []
+    for batch in build_loader(dataset, batch_size or cfg.data.eval_batch_size):
+        answers += model.ask(batch, question, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                             temperature=temperature, top_p=top_p)
+    return [{"input": str(n), "answer": a} for n, a in zip(names, answers)]

@@ -488,3 +488,27 @@ def test_predict_refuses_bad_arguments_before_building_the_model(checkpoints, tm
     with pytest.raises(UserError, match="a .mat file or a GeoTIFF"):
         predict(checkpoints("hsi"), [image], tmp_path / "map")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "in"], "nothing written"
+
+
+def test_cli_ask_answers_every_image_as_the_python_api_does(checkpoints, tmp_path):
+    """``python -m allspark ask``: one line per input, ``name: answer``, equal to ``AllSpark.ask`` on the same
+    images (greedy); a scene checkpoint and a missing input are one error line each."""
+    from allspark.model import AllSpark
+    from allspark.predict import ask
+
+    run_dir = checkpoints("rgb")
+    _, test = _test_set(run_dir)
+    files = [f for f, _ in test.samples[:2]]
+    result = run(["-m", "allspark", "ask", "--checkpoint", str(run_dir), "--input", str(files[0]),
+                  "--input", str(files[1]), "What covers most of this scene?", "--max-new-tokens", "4"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    rows = ask(run_dir, files, "What covers most of this scene?", max_new_tokens=4)
+    assert lines == [f"{r['input']}: {r['answer']}" for r in rows] and len(rows) == 2
+    model = AllSpark.from_pretrained(run_dir / "best")
+    batch = test.collate([test[i] for i in range(2)])
+    assert [r["answer"] for r in rows] == model.ask(batch, "What covers most of this scene?", max_new_tokens=4)
+    _fails(run(["-m", "allspark", "ask", "--checkpoint", str(checkpoints("hsi")), "--input", str(files[0]), "q"]),
+           "pixel by pixel", "allspark predict")
+    _fails(run(["-m", "allspark", "ask", "--checkpoint", str(run_dir), "--input", str(tmp_path / "none.jpg"), "q"]),
+           "does not exist")
