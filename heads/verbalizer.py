@@ -24,6 +24,11 @@ tokens) the untrained tiny test LLM starts at a cross-entropy of 17.9 with ``sum
 ``mean``. ``append_eos`` scores the tokenizer's end-of-sequence token after each
 name too, so a name that is the beginning of another ("forest" and "forest road") is scored as a whole answer.
 
+``answer_weight`` (default 0) adds the answer loss: the true name's mean token negative log-likelihood under the
+whole vocabulary (teacher-forced), which the cross-entropy over the names leaves free, since it only compares the
+names with each other. With it (and ``append_eos``, so the answer ends) the model's generation, not only its
+ranking, says the class: ``AllSpark.ask`` with the task's prompt answers with the name.
+
 ``answer_prefix`` is empty by default: the first token of every name is then predicted at the last bridge token,
 whose own residual stream carries the sample (the reason for ``prompt_first``, README "Sequence order"); after an
 answer prefix the sample reaches the name only through the frozen LLM's attention. On the tiny random test LLM
@@ -119,8 +124,14 @@ class VerbalizerHead(nn.Module):
         ignore_index: int = -1,
         reuse_prefix: bool = True,
         chunk_rows: int = 256,
+        answer_weight: float = 0.0,
     ) -> None:
         super().__init__()
+        if isinstance(answer_weight, bool) or not isinstance(answer_weight, (int, float)) or answer_weight < 0:
+            raise ValueError(f"verbalizer head: answer_weight must be a number >= 0, got {answer_weight!r}")
+        #: weight of the answer (generation) loss: the true name's mean token negative log-likelihood under the
+        #: whole vocabulary, which the choice cross-entropy leaves free (it only compares the names)
+        self.answer_weight = float(answer_weight)
         if llm is None:
             raise TypeError("verbalizer head: needs the model's language model (llm=LoadedLLM; AllSpark passes it)")
         if length_norm not in LENGTH_NORMS:
@@ -237,6 +248,11 @@ class VerbalizerHead(nn.Module):
             elif labelled.any():
                 loss = F.cross_entropy(logits, labels, ignore_index=self.ignore_index,
                                        label_smoothing=self.label_smoothing)
+                if self.answer_weight:
+                    lengths = torch.tensor([len(c) for c in self.choice_ids], dtype=loglik.dtype, device=loglik.device)
+                    rows = labelled.nonzero()[:, 0]
+                    true = labels[rows]
+                    loss = loss + self.answer_weight * (-loglik[rows, true] / lengths[true]).mean()
             else:
                 loss = logits.sum() * 0.0  # no labelled row: a zero loss kept in the graph (see ClassificationHead)
         return Output(loss, {"logits": logits, "choice_loglik": loglik, "pred": logits.argmax(dim=-1)})

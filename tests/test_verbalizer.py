@@ -243,3 +243,35 @@ def test_bad_label_sets_are_one_clear_error(prompt_first, tmp_path):
         head(model.run_llm({**prompt_first[1], "prompt_index": torch.zeros(9, dtype=torch.long)}),
              {"label": torch.tensor([0, 5] + [1] * 7)})
     model.eval()
+
+
+def test_answer_weight_adds_the_true_names_lm_loss_and_trains_generation():
+    """answer_weight: loss = choice cross-entropy + w * mean token NLL of the true name (hand-computed from the
+    head's own scores); trained with it on one batch, greedy ``ask`` with the task's prompt starts with the class
+    name more often than without it (measured 7 of 9 against 4 of 9; 30 steps teach the name, not yet where to
+    stop)."""
+    model, train = _model(WIDER_TINY, "model.head.args={answer_weight: 1.0, append_eos: true}")
+    batch = _batch(train)
+    model.eval()
+    out = model(batch)
+    lengths = torch.tensor([len(c) for c in model.head.choice_ids], dtype=torch.float32)
+    y = batch["label"]
+    expected = F.cross_entropy(out.predictions["logits"], y) + \
+        (-out.predictions["choice_loglik"][torch.arange(len(y)), y] / lengths[y]).mean()
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+    def generated(m):
+        prompt = m.prompts[0]
+        answers = m.ask(batch, prompt, max_new_tokens=8)
+        names = [m.head.choices[int(c)].replace("_", " ") for c in y]
+        return sum(a.lower().startswith(n.lower()) for a, n in zip(answers, names)) / len(names), answers
+
+    fit_one_batch(model, batch, steps=30, lr=1e-2)
+    rate, answers = generated(model)
+    plain, _ = _model(WIDER_TINY, "model.head.args={append_eos: true}")
+    fit_one_batch(plain, batch, steps=30, lr=1e-2)
+    plain_rate, plain_answers = generated(plain)
+    assert (plain.predict(batch)["pred"] == y).float().mean() >= 0.8  # both rank the names right ...
+    assert rate >= 0.6 and rate > plain_rate, (answers, plain_answers)  # ... one generates them more often
+    with pytest.raises(ValueError, match="answer_weight must be a number >= 0"):
+        _model("model.head.args={answer_weight: -1}")
