@@ -838,6 +838,33 @@ def _accelerator(device: str, mixed_precision: str, llm_dtype: str):
     return make_accelerator(mixed_precision=mixed_precision, llm_dtype=llm_dtype)
 
 
+def _open_checkpoint(checkpoint: str | Path) -> tuple[Path, Any, dict[str, Any]]:
+    """(the checkpoint folder, its config, its data info), or one clear error when it is not a checkpoint."""
+    from allspark.evaluate_run import resolve_checkpoint
+    from allspark.model import CONFIG_NAME, INFO_NAME, WEIGHTS_NAME
+
+    checkpoint = Path(checkpoint).expanduser()
+    if not checkpoint.exists():
+        raise UserFileNotFoundError(f"checkpoint {checkpoint} does not exist")
+    ckpt = resolve_checkpoint(checkpoint)
+    for name in (WEIGHTS_NAME, CONFIG_NAME, INFO_NAME):
+        if not (ckpt / name).is_file():
+            raise UserFileNotFoundError(f"{ckpt} is not an AllSpark checkpoint: {name} is missing "
+                                        f"(expected {WEIGHTS_NAME}, {CONFIG_NAME}, {INFO_NAME})")
+    return ckpt, config_from_yaml_text((ckpt / CONFIG_NAME).read_text()), json.loads((ckpt / INFO_NAME).read_text())
+
+
+def _input_paths(inputs: Sequence[str | Path]) -> list[Path]:
+    """``--input`` as paths: at least one, each existing."""
+    paths = [Path(p).expanduser() for p in inputs]
+    if not paths:
+        raise ConfigError("--input: give at least one file or folder")
+    for p in paths:
+        if not p.exists():
+            raise UserFileNotFoundError(f"input {p} does not exist")
+    return paths
+
+
 def predict(
     checkpoint: str | Path,
     inputs: Sequence[str | Path],
@@ -863,28 +890,13 @@ def predict(
     config's ``data.eval_batch_size``. ``mixed_precision``: default the config's ``train.mixed_precision``.
     ``data_root``: the training data, for the statistics a reader fits on the training split (see the module
     docstring). ``trust_remote_code`` / ``allow_download``: as for ``evaluate.py``."""
-    from allspark.evaluate_run import resolve_checkpoint
-    from allspark.model import CONFIG_NAME, INFO_NAME, WEIGHTS_NAME, AllSpark
+    from allspark.model import AllSpark
     from allspark.precision import run_precision
 
-    checkpoint = Path(checkpoint).expanduser()
-    if not checkpoint.exists():
-        raise UserFileNotFoundError(f"checkpoint {checkpoint} does not exist")
-    ckpt = resolve_checkpoint(checkpoint)
-    for name in (WEIGHTS_NAME, CONFIG_NAME, INFO_NAME):
-        if not (ckpt / name).is_file():
-            raise UserFileNotFoundError(f"{ckpt} is not an AllSpark checkpoint: {name} is missing "
-                                        f"(expected {WEIGHTS_NAME}, {CONFIG_NAME}, {INFO_NAME})")
-    cfg = config_from_yaml_text((ckpt / CONFIG_NAME).read_text())
-    info = json.loads((ckpt / INFO_NAME).read_text())
+    ckpt, cfg, info = _open_checkpoint(checkpoint)
     if modality is not None and cfg.modality != modality:
         raise ConfigError(f"--modality {modality!r} but the checkpoint was trained on {cfg.modality!r}")
-    paths = [Path(p).expanduser() for p in inputs]
-    if not paths:
-        raise ConfigError("--input: give at least one file or folder to predict")
-    for p in paths:
-        if not p.exists():
-            raise UserFileNotFoundError(f"input {p} does not exist")
+    paths = _input_paths(inputs)
     if fmt is not None and fmt not in FORMATS:
         raise ConfigError(f"--format must be one of {list(FORMATS)}, got {fmt!r}")
     if batch_size is not None and batch_size < 1:
@@ -939,26 +951,12 @@ def ask(checkpoint: str | Path, inputs: Sequence[str | Path], question: str, *, 
     ``do_sample`` (``seed`` makes samples repeatable). Per-pixel scene tasks (hsi and the fused rasters) are
     refused: they have one answer per pixel, which is what ``predict`` writes as a class map."""
     from allspark.data import build_loader
-    from allspark.evaluate_run import resolve_checkpoint
-    from allspark.model import CONFIG_NAME, INFO_NAME, WEIGHTS_NAME, AllSpark
+    from allspark.model import AllSpark
 
     if not isinstance(question, str) or not question.strip():
         raise ConfigError("ask: give the question as a non-empty string")
-    checkpoint = Path(checkpoint).expanduser()
-    if not checkpoint.exists():
-        raise UserFileNotFoundError(f"checkpoint {checkpoint} does not exist")
-    ckpt = resolve_checkpoint(checkpoint)
-    for name in (WEIGHTS_NAME, CONFIG_NAME, INFO_NAME):
-        if not (ckpt / name).is_file():
-            raise UserFileNotFoundError(f"{ckpt} is not an AllSpark checkpoint: {name} is missing")
-    cfg = config_from_yaml_text((ckpt / CONFIG_NAME).read_text())
-    info = json.loads((ckpt / INFO_NAME).read_text())
-    paths = [Path(p).expanduser() for p in inputs]
-    if not paths:
-        raise ConfigError("--input: give at least one file or folder")
-    for p in paths:
-        if not p.exists():
-            raise UserFileNotFoundError(f"input {p} does not exist")
+    ckpt, cfg, info = _open_checkpoint(checkpoint)
+    paths = _input_paths(inputs)
     predictor = build_predictor(cfg, info, ckpt, data_root=data_root)
     if predictor.kind == "scene":
         raise ConfigError(f"ask answers per input; a {cfg.modality} checkpoint classifies a scene pixel by pixel: "
