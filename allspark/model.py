@@ -62,7 +62,7 @@ class AllSpark(nn.Module):
     def __init__(self, cfg: Config, info: dict[str, Any] | None = None, llm: LoadedLLM | None = None):
         super().__init__()
         _import_plugins()
-        from prompts import load_prompts
+        from prompts import load_answer_template, load_prompts
 
         self.cfg = cfg
         self.info = dict(info or {})
@@ -86,8 +86,14 @@ class AllSpark(nn.Module):
             if len(self.encoders)
             else None
         )
+        head_args = dict(mcfg.head.args)
+        if head_args.get("answer_template") == "prompts":  # the answer sentence of the task's prompt set
+            try:
+                head_args["answer_template"] = load_answer_template(mcfg.prompts.set or cfg.modality)
+            except ValueError as exc:
+                raise ConfigError(f"model.head.args.answer_template=prompts: {exc}") from None
         self.head = HEADS.build(
-            {"type": mcfg.head.type, **mcfg.head.args}, hidden_size=self.hidden_size,
+            {"type": mcfg.head.type, **head_args}, hidden_size=self.hidden_size,
             optional={"info": self.info, "llm": self._llm},  # ``llm``: for heads that run text through it
         )
         self._build_alignment(mcfg.alignment)
@@ -533,6 +539,23 @@ class AllSpark(nn.Module):
                 peft_config.save_pretrained(str(tmp / ADAPTER_DIR))
                 save_file(weights, str(tmp / ADAPTER_DIR / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
 
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
+                    commit_message: str | None = None) -> str:
+        """Upload what :meth:`save_pretrained` writes (trainable parts, config, data info, PEFT adapter folder) to
+        the Hugging Face Hub model repository ``repo_id`` (created if it does not exist) in one commit, through
+        ``huggingface_hub.upload_folder``; returns the commit's URL. ``AllSpark.from_pretrained`` loads a local
+        copy of the repository (e.g. ``huggingface_hub.snapshot_download(repo_id)``). For a plain transformers
+        model with the adapters merged, use ``allspark export --push-to-hub``. See :mod:`allspark.hub`."""
+        import tempfile
+
+        from allspark.hub import check_repo_id, push_folder
+
+        check_repo_id(repo_id)  # a bad id (or no huggingface_hub) fails before anything is written
+        with tempfile.TemporaryDirectory(prefix="allspark-push-") as tmp:
+            folder = Path(tmp) / "checkpoint"
+            self.save_pretrained(folder)
+            return push_folder(folder, repo_id, private=private, token=token, commit_message=commit_message)
+
     def peft_adapter(self, state: dict[str, torch.Tensor] | None = None) -> tuple[Any, dict[str, torch.Tensor]] | None:
         """The LoRA adapter as PEFT saves it: its ``LoraConfig`` and its weights under the names of
         ``PeftModel.save_pretrained`` (``base_model.model.<module>.lora_A.weight``), taken from ``state``
@@ -682,8 +705,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     stray = sorted(k for k in state if k.startswith("llm.") and not k.startswith(prefix))
     if stray:
         raise UserError(f"{checkpoint / WEIGHTS_NAME}: unexpected LLM tensors {stray[:4]}")
+    # unquantised: the LoRA weights merge into the real base weights (a quantised run's export is full precision)
     base = load_llm(dataclasses.replace(llm_cfg, adapter=AdapterConfig(type="none"), gradient_checkpointing=False,
-                                        trust_remote_code=False))
+                                        trust_remote_code=False, quantization="none"))
     if adapter == "lora":
         a = llm_cfg.adapter
         peft_model = get_peft_model(base.model, LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout,
@@ -707,7 +731,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     merged.eval()
     parts = {k: v.contiguous() for k, v in state.items() if not k.startswith("llm.")}
     exported = to_dict(cfg)
-    exported["model"]["llm"].update(name=str(out), trust_remote_code=False, gradient_checkpointing=False)
+    exported["model"]["llm"].update(name=str(out), trust_remote_code=False, gradient_checkpointing=False,
+                                    quantization="none")
     exported["model"]["llm"]["adapter"]["type"] = "none"
     exported["train"]["train_only"] = []  # the exported parts are all there is to hold
     with atomic_dir(out) as tmp:
@@ -717,5 +742,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
         save_file(parts, str(tmp / EXPORT_PARTS_DIR / WEIGHTS_NAME), metadata={"format": "pt", "allspark": "1"})
         save_config(from_dict(Config, exported), tmp / EXPORT_PARTS_DIR / CONFIG_NAME)
         shutil.copy2(checkpoint / INFO_NAME, tmp / EXPORT_PARTS_DIR / INFO_NAME)
+        if (checkpoint / "README.md").is_file():  # the model card, the page a model hub shows
+            shutil.copy2(checkpoint / "README.md", tmp / "README.md")
     logger.info("exported %s to %s (LLM adapter %s merged)", checkpoint, out, adapter)
     return out

@@ -29,6 +29,14 @@ whole vocabulary (teacher-forced), which the cross-entropy over the names leaves
 names with each other. With it (and ``append_eos``, so the answer ends) the model's generation, not only its
 ranking, says the class: ``AllSpark.ask`` with the task's prompt answers with the name.
 
+Answer training (``answer_template``, the ``answers`` recipe of the classification configs): each candidate is a
+whole answer sentence, the template with ``{name}`` filled by the class name (``"This remote sensing image shows
+{name}."``; ``answer_template: prompts`` takes the task's prompt set's ``answer`` field, see ``prompts/``). The
+sentences are scored, trained on and (with ``answer_weight`` and ``append_eos``) generated as a whole, so
+``AllSpark.ask`` answers with the sentence. :meth:`VerbalizerHead.match_answers` maps generated texts back to the
+candidates (exact match after :func:`normalise_answer`, or by prefix), which the classification evaluator's
+``generate_answers`` option reports as ``answer_accuracy``.
+
 ``answer_prefix`` is empty by default: the first token of every name is then predicted at the last bridge token,
 whose own residual stream carries the sample (the reason for ``prompt_first``, README "Sequence order"); after an
 answer prefix the sample reaches the name only through the frozen LLM's attention. On the tiny random test LLM
@@ -62,6 +70,8 @@ class probabilities) and ``choice_loglik`` [B, K] (the summed log-likelihood of 
 """
 from __future__ import annotations
 
+import re
+import string
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -76,6 +86,14 @@ from allspark.registry import HEADS
 from allspark.types import LLMOutput, Output
 
 LENGTH_NORMS = ("mean", "sum")
+MATCH_MODES = ("exact", "prefix")
+_PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
+
+
+def normalise_answer(text: str) -> str:
+    """Lower case, underscores and punctuation as spaces, runs of white space as one: ``" This image shows
+    Dense_Residential."`` -> ``"this image shows dense residential"``."""
+    return " ".join(_PUNCTUATION.sub(" ", text.replace("_", " ").lower()).split())
 
 
 def read_label_file(path: str | Path) -> list[str]:
@@ -125,8 +143,17 @@ class VerbalizerHead(nn.Module):
         reuse_prefix: bool = True,
         chunk_rows: int = 256,
         answer_weight: float = 0.0,
+        answer_template: str | None = None,
     ) -> None:
         super().__init__()
+        if answer_template is not None:
+            fields = {f for _, f, _, _ in string.Formatter().parse(answer_template) if f} \
+                if isinstance(answer_template, str) else None
+            if fields != {"name"}:
+                raise ConfigError(f"verbalizer head: answer_template must be a string with exactly one {{name}} "
+                                  f"field (e.g. 'This image shows {{name}}.'), got {answer_template!r}")
+        #: the answer sentence each candidate is (``{name}`` filled); None: the bare name
+        self.answer_template = answer_template
         if isinstance(answer_weight, bool) or not isinstance(answer_weight, (int, float)) or answer_weight < 0:
             raise ValueError(f"verbalizer head: answer_weight must be a number >= 0, got {answer_weight!r}")
         #: weight of the answer (generation) loss: the true name's mean token negative log-likelihood under the
@@ -215,7 +242,36 @@ class VerbalizerHead(nn.Module):
         name = name.strip()
         if self.underscores_as_spaces:
             name = " ".join(name.replace("_", " ").split())
+        if self.answer_template is not None:
+            name = self.answer_template.format(name=name)
         return self.name_prefix + name
+
+    # -- generated answers ------------------------------------------------------------------------
+    @property
+    def max_answer_tokens(self) -> int:
+        """Tokens of the longest candidate (with its end-of-sequence token when ``append_eos``)."""
+        return max(len(c) for c in self.choice_ids)
+
+    def answer_texts(self) -> list[str]:
+        """Each candidate as the text a generated answer is compared with (template filled, no leading space)."""
+        return [self._text(n).strip() for n in self._choices]
+
+    def match_answers(self, texts: Sequence[str], mode: str = "exact") -> list[int]:
+        """The candidate each generated text names, -1 for none. ``exact``: the text equals a candidate after
+        :func:`normalise_answer`; ``prefix``: the text begins with one (the longest wins), for answers that go on
+        after the sentence."""
+        if mode not in MATCH_MODES:
+            raise ValueError(f"verbalizer head: match mode must be one of {list(MATCH_MODES)}, got {mode!r}")
+        wanted = [normalise_answer(t) for t in self.answer_texts()]
+        out = []
+        for text in texts:
+            got = normalise_answer(text)
+            if mode == "exact":
+                out.append(wanted.index(got) if got in wanted else -1)
+            else:
+                hits = [(len(w), k) for k, w in enumerate(wanted) if got == w or got.startswith(w + " ")]
+                out.append(max(hits)[1] if hits else -1)
+        return out
 
     # -- scoring ----------------------------------------------------------------------------------
     def score(self, llm_out: LLMOutput) -> torch.Tensor:

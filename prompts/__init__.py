@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["load_prompts", "list_prompt_sets", "PROMPT_DIR"]
+__all__ = ["load_prompts", "load_answer_template", "list_prompt_sets", "PROMPT_DIR"]
 
 PROMPT_DIR = Path(__file__).resolve().parent
 
@@ -26,7 +26,7 @@ def _fields(template: str) -> set[str]:
     return {name for _, name, _, _ in string.Formatter().parse(template) if name}
 
 
-def load_prompts(name: str, info: dict[str, Any] | None = None) -> list[str]:
+def _prompt_file(name: str) -> Path:
     path = Path(name)
     if path.suffix not in (".yaml", ".yml"):
         path = PROMPT_DIR / f"{name}.yaml"
@@ -37,6 +37,24 @@ def load_prompts(name: str, info: dict[str, Any] | None = None) -> list[str]:
             raise KeyError(f"unknown prompt set {name!r}{hint} Available: {', '.join(known)}")
     elif not path.is_file():
         raise FileNotFoundError(f"prompt file {str(path)!r} does not exist")
+    return path
+
+
+def load_answer_template(name: str) -> str:
+    """The answer sentence of a prompt set (its ``answer`` field, e.g. ``'This remote sensing image shows
+    {name}.'``): the target text of answer training, ``{name}`` filled with a class name. A set without one is a
+    ``ValueError`` naming the file."""
+    path = _prompt_file(name)
+    data = yaml.safe_load(path.read_text()) or {}
+    template = data.get("answer")
+    if not isinstance(template, str) or _fields(template) != {"name"}:
+        raise ValueError(f"{path}: answer training needs an 'answer' template with exactly one {{name}} field "
+                         f"(e.g. answer: 'This image shows {{name}}.'), found {template!r}")
+    return template
+
+
+def load_prompts(name: str, info: dict[str, Any] | None = None) -> list[str]:
+    path = _prompt_file(name)
     data = yaml.safe_load(path.read_text()) or {}
     prompts = data.get("prompts")
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):

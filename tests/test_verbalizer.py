@@ -275,3 +275,100 @@ def test_answer_weight_adds_the_true_names_lm_loss_and_trains_generation():
     assert rate >= 0.6 and rate > plain_rate, (answers, plain_answers)  # ... one generates them more often
     with pytest.raises(ValueError, match="answer_weight must be a number >= 0"):
         _model("model.head.args={answer_weight: -1}")
+
+
+# -- answer training: the class as an answer sentence --------------------------------------------------
+
+
+def test_normalise_and_match_answers_by_hand():
+    from heads.verbalizer import normalise_answer
+
+    assert normalise_answer(" This pixel is Self_Blocking  bricks.") == "this pixel is self blocking bricks"
+    model, _ = _model("model.head.args={answer_template: 'This pixel is {name}.', append_eos: true}")
+    head = model.head
+    texts = head.answer_texts()
+    assert head.choices[7] == "Self-Blocking Bricks" and texts[0] == "This pixel is Asphalt."
+    # exact: the whole answer after normalisation; prefix: the answer goes on; neither: -1
+    assert head.match_answers(["this pixel is SELF_BLOCKING bricks", "This pixel is bricks.",
+                               texts[1] + " It is also wet."]) == [7, -1, -1]
+    assert head.match_answers([texts[1] + " It is also wet.", "pixel"], "prefix") == [1, -1]
+    # the candidates are the sentences: the template's tokens precede every name's
+    tok = model._llm.tokenizer
+    assert head.choice_ids[0][:-1] == tok(" " + texts[0], add_special_tokens=False)["input_ids"]
+    assert head.choice_ids[0][-1] == tok.eos_token_id
+    with pytest.raises(ValueError, match="match mode"):
+        head.match_answers(["x"], "fuzzy")
+
+
+def test_answer_template_from_the_prompt_set_and_bad_templates():
+    from prompts import load_answer_template
+
+    model, _ = _model("model.head.args={answer_template: prompts}")
+    assert model.head.answer_template == load_answer_template("hsi") == "This pixel is {name}."
+    for bad in ["'This pixel is a class.'", "'{name} or {other}'", "3"]:
+        with pytest.raises(ConfigError, match="exactly one {name} field"):
+            _model(f"model.head.args={{answer_template: {bad}}}")
+    with pytest.raises(ConfigError, match="graph.yaml: answer training needs an 'answer' template"):
+        _model("model.prompts.set=graph", "model.head.args={answer_template: prompts}")
+
+
+def test_answers_recipe_loss_and_the_evaluators_answer_accuracy_by_hand(monkeypatch):
+    """--recipe answers: the candidates are the prompt set's sentences, the loss is the choice cross-entropy plus the
+    true sentence's mean token NLL (hand-computed from the head's scores), and the evaluator's answer metrics count
+    exactly what ``ask`` generated (``ask`` replaced by known texts: exact, going-on, wrong, malformed). (Training the
+    sentence on the tiny random LLM takes 100+ steps on one batch before the names come out right; the default
+    LLM's figures are in the README.)"""
+    from allspark.evaluation import build_evaluator
+
+    tiny = [o for o in TINY_HSI if not o.startswith("model.head.")]  # the recipe sets the head
+    cfg = load_config("hsi", overrides=tiny + ["model.llm.dtype=float32"], recipe="answers")
+    train = build_dataset(cfg, "train")
+    torch.manual_seed(0)
+    model = AllSpark.from_config(cfg, train.info())
+    head = model.head
+    assert head.answer_template == "This pixel is {name}." and cfg.eval.args["generate_answers"] is True
+    batch = _batch(train)
+    model.eval()
+    out = model(batch)
+    lengths = torch.tensor([len(c) for c in head.choice_ids], dtype=torch.float32)
+    y = batch["label"]
+    expected = F.cross_entropy(out.predictions["logits"], y) + \
+        (-out.predictions["choice_loglik"][torch.arange(len(y)), y] / lengths[y]).mean()
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+    truth = head.answer_texts()
+    labels = [int(v) for v in y]
+    canned = [truth[labels[0]], truth[labels[1]].upper() + " And more.", truth[(labels[2] + 1) % 9], "???"]
+    canned += [truth[c] for c in labels[4:]]  # 9 rows: 6 exact, 1 only by prefix, 1 wrong, 1 no class
+    asked = []
+
+    def fake_ask(b, prompts, *, max_new_tokens):
+        asked.append((prompts, max_new_tokens, len(b["label"])))
+        return canned[: len(b["label"])]
+
+    monkeypatch.setattr(model, "ask", fake_ask)
+
+    class Rows:  # the evaluator's dataset interface over the batch's samples
+        def __init__(self, ds, idx):
+            self.ds, self.idx = ds, idx
+        def __len__(self):
+            return len(self.idx)
+        def __getitem__(self, i):
+            return self.ds[self.idx[i]]
+        def collate(self, items):
+            return self.ds.collate(items)
+
+    all_labels = [int(train[i]["label"]) for i in range(len(train))]
+    picked = [[j for j, v in enumerate(all_labels) if v == c][0] for c in sorted(set(all_labels))]
+    metrics = build_evaluator(cfg, train.info()).model_metrics(model, Rows(train, picked))
+    assert asked == [(model.prompts[0], head.max_answer_tokens + 2, 9)]
+    assert metrics["answer_samples"] == 9
+    assert metrics["answer_accuracy"] == pytest.approx(6 / 9)
+    assert metrics["answer_prefix_accuracy"] == pytest.approx(7 / 9)
+    assert metrics["answer_unmatched"] == pytest.approx(2 / 9)  # the going-on answer and "???"
+    assert metrics["answer_examples"][1] == {"true": truth[labels[1]], "generated": canned[1]}
+    # a linear head cannot be asked for answer_accuracy: one clear error
+    lin_cfg = load_config("hsi", overrides=TINY_HSI + ["eval.args.generate_answers=true"])
+    lin = AllSpark.from_config(lin_cfg, train.info())
+    with pytest.raises(ConfigError, match="needs model.head.type=verbalizer"):
+        build_evaluator(lin_cfg, train.info()).model_metrics(lin, Rows(train, picked))

@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from allspark.config import ConfigError
 from allspark.evaluation import Evaluator, collect_predictions, savefig
 from allspark.metrics.classification import classification_metrics
 from allspark.registry import EVALUATORS
@@ -50,12 +52,58 @@ class ClassificationEvaluator(Evaluator):
     pred_keys = ("pred",)
     batch_keys = ("label", "index")
 
-    def __init__(self, info: dict[str, Any], label_key: str = "label") -> None:
+    def __init__(self, info: dict[str, Any], label_key: str = "label", generate_answers: bool = False,
+                 answer_batch_size: int = 16, answer_examples: int = 8) -> None:
         super().__init__(info)
         self.batch_keys = (label_key, "index")
         self.label_key = label_key
         if "num_classes" not in info:
             raise ValueError("classification evaluation needs 'num_classes' in the dataset info")
+        if not isinstance(answer_batch_size, int) or answer_batch_size < 1:
+            raise ConfigError(f"eval.args.answer_batch_size must be a whole number >= 1, got {answer_batch_size!r}")
+        #: also generate each test sample's answer (greedy, the evaluation prompt) and score it as text
+        self.generate_answers = bool(generate_answers)
+        self.answer_batch_size = answer_batch_size
+        self.answer_examples = int(answer_examples)
+
+    def model_metrics(self, model, dataset, accelerator=None) -> dict[str, Any]:
+        """With ``generate_answers`` (a model with the ``verbalizer`` head): every sample's answer generated
+        greedily after the evaluation prompt (``AllSpark.ask``, up to the longest candidate's tokens + 2), mapped
+        back to a class by the head (:meth:`~heads.verbalizer.VerbalizerHead.match_answers`). ``answer_accuracy``:
+        the share whose answer is exactly the true class's answer after normalisation; ``answer_prefix_accuracy``:
+        whose answer begins with it; ``answer_unmatched``: the share that names no candidate exactly;
+        ``answer_examples``: the first few (true answer, generated) pairs."""
+        if not self.generate_answers:
+            return {}
+        head = getattr(model, "head", None)
+        if not hasattr(head, "match_answers"):
+            raise ConfigError("eval.args.generate_answers scores generated answers against the class names, which "
+                              f"needs model.head.type=verbalizer; this model's head is {type(head).__name__}")
+        was_training = model.training
+        model.eval()
+        t0 = time.perf_counter()
+        exact, prefix, labels, examples = [], [], [], []
+        truths = head.answer_texts()
+        try:
+            device = model.prompt_ids.device
+            for s in range(0, len(dataset), self.answer_batch_size):
+                items = [dataset[i] for i in range(s, min(s + self.answer_batch_size, len(dataset)))]
+                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v
+                         for k, v in dataset.collate(items).items()}
+                texts = model.ask(batch, model.prompts[0], max_new_tokens=head.max_answer_tokens + 2)
+                exact += head.match_answers(texts)
+                prefix += head.match_answers(texts, "prefix")
+                rows = batch[self.label_key].tolist()
+                labels += rows
+                examples += [{"true": truths[y] if 0 <= y < len(truths) else str(y), "generated": t}
+                             for y, t in zip(rows, texts)][: max(0, self.answer_examples - len(examples))]
+        finally:
+            model.train(was_training)
+        y, e, p = np.asarray(labels), np.asarray(exact), np.asarray(prefix)
+        n = max(len(y), 1)
+        return {"answer_accuracy": float((e == y).sum() / n), "answer_prefix_accuracy": float((p == y).sum() / n),
+                "answer_unmatched": float((e < 0).sum() / n), "answer_samples": int(len(y)),
+                "answer_seconds_per_sample": (time.perf_counter() - t0) / n, "answer_examples": examples}
 
     def compute(self, gathered):
         return classification_metrics(
@@ -81,29 +129,36 @@ class PixelClassificationEvaluator(ClassificationEvaluator):
     extra_splits = ("scene",)
 
     def __init__(self, info: dict[str, Any], label_key: str = "label", scene_map: bool = True,
-                 scene_tile_rows: int = 32) -> None:
-        super().__init__(info, label_key)
+                 scene_tile_rows: int = 32, **answers: Any) -> None:
+        super().__init__(info, label_key, **answers)
         self.batch_keys = (label_key, "index", "coords")
         self.extra_splits = ("scene",) if scene_map else ()
         if scene_tile_rows < 1:
             raise ValueError(f"pixel_classification: scene_tile_rows must be >= 1, got {scene_tile_rows}")
         self.scene_tile_rows = int(scene_tile_rows)
 
-    def predict_extra(self, name, model, dataset, accelerator, batch_size, num_workers=0):
+    def predict_extra(self, name, model, dataset, accelerator, batch_size, num_workers=0, **loading):
         if name == "scene":  # the whole scene, tiled, with progress and pixels per second
-            return self.predict_scene(model, dataset, accelerator, batch_size, num_workers=num_workers)
-        return super().predict_extra(name, model, dataset, accelerator, batch_size, num_workers)
+            return self.predict_scene(model, dataset, accelerator, batch_size, num_workers=num_workers, **loading)
+        return super().predict_extra(name, model, dataset, accelerator, batch_size, num_workers, **loading)
 
-    def predict_scene(self, model, dataset, accelerator, batch_size: int, *, num_workers: int = 0,
-                      inference_mode: bool = True) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    def predict_scene(self, model, dataset, accelerator, batch_size: int, *, num_workers: int | str = 0,
+                      inference_mode: bool = True, pin_memory: bool | str = "auto", persistent_workers: Any = None,
+                      ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         """Every pixel of ``dataset`` (a reader's ``scene`` split: the H x W pixels in row-major order)
         through ``model`` (prepared by ``accelerator``), one tile of ``scene_tile_rows`` rows at a time.
+        ``num_workers``, ``pin_memory``: the DataLoader settings of ``data.*`` (a loader per tile, so its workers
+        are never kept: ``persistent_workers`` is accepted and ignored).
 
         Returns the gathered values (``pred`` and the batch keys, as :func:`collect_predictions` gives them, in
         scene order) and ``{scene_pixels, scene_seconds, scene_pixels_per_second, scene_tiles}``.
         ``inference_mode``: run under ``torch.inference_mode`` (the scene map comes after training)."""
         from torch.utils.data import DataLoader, Subset
         from tqdm.auto import tqdm
+
+        from allspark.data import resolve_loader_options
+
+        loading = resolve_loader_options(num_workers, pin_memory, False, accelerator.device)
 
         h, w = int(self.info["height"]), int(self.info["width"])
         if len(dataset) != h * w:
@@ -119,8 +174,8 @@ class PixelClassificationEvaluator(ClassificationEvaluator):
                 # a Subset (not a sampler over the whole scene): accelerate sizes the last batch's padding, which
                 # gather_for_metrics drops, from the loader's dataset length
                 tile_set = Subset(dataset, range(r0 * w, min(r0 + rows, h) * w))
-                loader = accelerator.prepare(DataLoader(tile_set, batch_size=batch_size, num_workers=num_workers,
-                                                        collate_fn=dataset.collate))
+                loader = accelerator.prepare(DataLoader(tile_set, batch_size=batch_size, collate_fn=dataset.collate,
+                                                        **loading))
                 tile = collect_predictions(model, loader, accelerator, self.pred_keys, self.batch_keys,
                                            f"scene rows {r0}-{min(r0 + rows, h) - 1}",
                                            inference_mode=inference_mode, progress=bar)
