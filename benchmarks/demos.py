@@ -34,11 +34,12 @@ def modalities() -> list[str]:
     return sorted(p.stem for p in (REPO / "configs").glob("*.yaml"))
 
 
-def run_task(modality: str, out: Path, extra: list[str]) -> dict[str, Any]:
+def run_task(modality: str, out: Path, extra: list[str], recipe: str | None = None) -> dict[str, Any]:
     run_dir, logs = out / modality, out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(run_dir, ignore_errors=True)
-    cmd = [sys.executable, str(REPO / "train.py"), "--modality", modality, "--output-dir", str(run_dir), *extra]
+    cmd = [sys.executable, str(REPO / "train.py"), "--modality", modality, "--output-dir", str(run_dir),
+           *(["--recipe", recipe] if recipe else []), *extra]
     log = logs / f"{modality}.log"
     print(f"[{modality}] training ...", flush=True)
     rc, seconds = _run(cmd, log)
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, type=Path, help="run folders, logs and the table go here")
     p.add_argument("--modalities", help=f"comma-separated subset of: {', '.join(modalities())} (default: all)")
     p.add_argument("--extra", nargs="*", default=[], metavar="KEY=VALUE", help="more overrides for every task")
+    p.add_argument("--recipe", help="a recipe of every task's config (train.py --recipe), e.g. 'answers'")
     args = p.parse_args(argv)
     names = [m.strip() for m in args.modalities.split(",") if m.strip()] if args.modalities else modalities()
     unknown = [m for m in names if m not in modalities()]
@@ -87,11 +89,11 @@ def main(argv: list[str] | None = None) -> int:
                "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     rows = []
     for m in names:
-        rows.append(run_task(m, args.out, list(args.extra)))
+        rows.append(run_task(m, args.out, list(args.extra), args.recipe))
         print(format_table(rows[-1:]).splitlines()[-1], flush=True)
     table = format_table(rows)
     (args.out / "demos.md").write_text(f"# Demo runs\n\nmachine: {machine}\n\n{table}\n")
-    (args.out / "demos.json").write_text(json.dumps({"machine": machine, "extra": args.extra, "rows": rows},
+    (args.out / "demos.json").write_text(json.dumps({"machine": machine, "extra": args.extra, "recipe": args.recipe, "rows": rows},
                                                     indent=2) + "\n")
     print(table)
     print(f"\n(saved {args.out / 'demos.md'} and {args.out / 'demos.json'})")
