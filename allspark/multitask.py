@@ -16,8 +16,11 @@ The pieces, in the order a reader meets them:
   so a joint run of the default length trains each task about as many steps as its single-task run does.
 - :class:`MultiTaskAllSpark`: the shared LLM under ``llm.`` and the task parts (each an :class:`AllSpark` built
   on the shared :class:`~allspark.llm.LoadedLLM`, its own copy of the LLM unregistered) in ``tasks.<name>.``;
-  ``forward(batch)`` routes by ``batch["task"]``. The trainable state uses the same prefixes, so the shared
-  adapters are saved once and a task's part can be added to (or taken from) a checkpoint as a whole.
+  ``forward(batch)`` routes by ``batch["task"]``. With ``model.bridge.shared`` one bridge's queries and layers
+  serve every task (under ``bridge.``), each task entering it through its own input projection (its encoders'
+  widths to the bridge width, :class:`~allspark.bridge.SharedBridgeEntry`); otherwise each task has its own
+  bridge. The trainable state uses the same prefixes, so the shared parts are saved once and a task's part can be
+  added to (or taken from) a checkpoint as a whole.
 - :func:`train_joint`: the loop, on the helpers of :mod:`allspark.training` (optimizer, checkpoint hooks,
   trackers, interrupt handling, the JSONL log). Per task its loader (its own batch size) and loss weight;
   one cosine schedule over the run's total optimizer steps; validation of every task with its own protocol;
@@ -42,6 +45,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from allspark.bridge import ModalBridge, SharedBridgeEntry
 from allspark.config import (Config, ConfigError, apply_overrides, config_dir, config_from_yaml_text, from_dict,
                              load_config, save_config, to_dict)
 from allspark.errors import UserError, UserFileNotFoundError
@@ -57,14 +61,25 @@ __all__ = [
     "load_joint_config", "is_joint_config_file", "joint_config_path", "resolve_task_configs",
     "TaskSchedule", "MultiTaskAllSpark", "LoadReport", "aggregate_score", "JointState", "train_joint",
     "evaluate_joint", "resolve_joint_checkpoint", "is_joint_checkpoint", "read_task_folders",
+    "read_shared_settings", "JointModelConfig", "JointBridgeConfig", "check_same_draws",
 ]
 
 #: the joint config inside a run folder and a saved joint model; each task's resolved config and data info lie in
 #: ``tasks/<name>/`` beside it (``config.yaml``, ``data_info.json``)
 JOINT_CONFIG_NAME = "joint.yaml"
 TASKS_DIR = "tasks"
+#: how a saved joint model's shared parts are built (``{"bridge": {"shared": bool, "width": int | None}}``); a
+#: checkpoint without it has one bridge per task
+SHARED_NAME = "shared.json"
 SHARED_PREFIX = "llm."
+#: the shared bridge's queries and layers (``model.bridge.shared``)
+BRIDGE_PREFIX = "bridge."
 TASK_PREFIX = "tasks."
+#: names a task cannot take: the attributes of the ``nn.ModuleDict`` that holds the task parts (``train``,
+#: ``items``, ``type`` ...), which it refuses as keys
+_RESERVED_TASK_NAMES = frozenset(dir(nn.ModuleDict()))
+#: keys of the joint config's ``model`` block, which a task's config does not have
+_JOINT_MODEL_KEYS = ("model.bridge.shared", "model.bridge.width")
 SCHEDULES = ("round_robin", "proportional", "temperature", "run_length")
 STATE_NAME = "trainer_state.json"
 #: what a resumed joint run may change: the run's length
@@ -130,6 +145,24 @@ class JointTrainConfig:
 
 
 @dataclass
+class JointBridgeConfig:
+    #: true: one bridge (its queries and layers) serves every task with an encoder, each task entering it through
+    #: its own input projection; false: one bridge per task; null: false, or with ``init_from`` the checkpoint's
+    shared: bool | None = None
+    #: the shared bridge's token width (what its layers attend over); null: the widest encoder of the tasks, or
+    #: with ``init_from`` the checkpoint's. An encoder of another width gets a projection to it.
+    width: int | None = None
+
+
+@dataclass
+class JointModelConfig:
+    """What the joint model decides beyond the tasks' own ``model`` blocks (which give the bridge's architecture:
+    ``model.bridge.num_queries``, ``depth`` ...; a shared bridge needs every task to give the same)."""
+
+    bridge: JointBridgeConfig = field(default_factory=JointBridgeConfig)
+
+
+@dataclass
 class JointConfig:
     #: the run's name (trackers' project name)
     name: str = "allspark"
@@ -142,9 +175,11 @@ class JointConfig:
     #: ``overrides: {data.root: ...}`` of its entry (``NAME:data.root=PATH`` on the command line)
     data_root: str | None = None
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    model: JointModelConfig = field(default_factory=JointModelConfig)
     train: JointTrainConfig = field(default_factory=JointTrainConfig)
-    #: a joint checkpoint (a run folder or its ``best/``) to extend: its tasks and the shared adapters are loaded and
-    #: held fixed, and only this config's tasks (none of which it may hold) train; the result serves all of them
+    #: a joint checkpoint (a run folder or its ``best/``) to extend: its tasks and the shared parts (adapters, and a
+    #: shared bridge, which new tasks enter through their own projections) are loaded and held fixed, and only this
+    #: config's tasks (none of which it may hold) train; the result serves all of them
     init_from: str | None = None
 
     def task_specs(self) -> list[TaskSpec]:
@@ -161,9 +196,12 @@ class JointConfig:
             else:
                 raise ConfigError(f"tasks.{i}: expected a task name or a mapping {{name, config, loss_weight, "
                                   f"overrides}}, got {type(entry).__name__} {entry!r}")
-            if not spec.name or "." in spec.name or ":" in spec.name or "," in spec.name:
-                raise ConfigError(f"tasks.{i}: a task name must be non-empty, without '.', ':' or ',', "
-                                  f"got {spec.name!r}")
+            if not spec.name or any(c in spec.name for c in ".:,/\\") or spec.name != spec.name.strip():
+                raise ConfigError(f"tasks.{i}: a task name must be non-empty, without '.', ':', ',', '/', '\\' or "
+                                  f"surrounding spaces, got {spec.name!r}")
+            if spec.name in _RESERVED_TASK_NAMES:
+                raise ConfigError(f"tasks.{i}: the task name {spec.name!r} collides with an attribute of the model's "
+                                  f"task table; name the task otherwise ({{name: {spec.name}_task, config: ...}})")
             if spec.loss_weight < 0:
                 raise ConfigError(f"tasks.{i} ({spec.name}): loss_weight must be >= 0, got {spec.loss_weight}")
             specs.append(spec)
@@ -171,6 +209,15 @@ class JointConfig:
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
             raise ConfigError(f"the joint config lists task(s) {twice} more than once: {names}")
+        folded: dict[str, str] = {}
+        for name in names:  # tasks/<name>/ folders of two such tasks would be one on a case-insensitive disk
+            other = folded.setdefault(name.casefold(), name)
+            if other != name:
+                raise ConfigError(f"tasks {other!r} and {name!r} differ only in case; their folders in a checkpoint "
+                                  "would collide on a case-insensitive file system: name them apart")
+        if self.model.bridge.width is not None and (isinstance(self.model.bridge.width, bool)
+                                                    or self.model.bridge.width < 1):
+            raise ConfigError(f"model.bridge.width must be a positive int, got {self.model.bridge.width!r}")
         return specs
 
 
@@ -273,6 +320,11 @@ def resolve_task_configs(jcfg: JointConfig) -> dict[str, Config]:
                           "per task; give each its own with TASK:data.root=PATH (or --data-root demo)")
     cfgs: dict[str, Config] = {}
     for spec in specs:
+        joint_only = sorted(k for k in {**jcfg.overrides, **spec.overrides} if k in _JOINT_MODEL_KEYS)
+        if joint_only:
+            raise ConfigError(f"{joint_only[0]} is a key of the joint config (one bridge for all tasks or one per "
+                              f"task), not of task {spec.name!r}'s: set it under the joint file's `model:` block or "
+                              f"as joint.{joint_only[0]}=VALUE")
         with _in_task(spec.name):
             cfg = load_config(spec.name, path=spec.config, overrides={**jcfg.overrides, **spec.overrides},
                               data_root=jcfg.data_root)
@@ -357,14 +409,29 @@ class LoadReport:
     loaded: int = 0
 
 
+def _check_width_needs_shared(shared: bool, width: int | None) -> None:
+    if width is not None and not shared:
+        raise ConfigError(f"model.bridge.width={width} is the width of a shared bridge; set model.bridge.shared: "
+                          "true too (or leave the width unset)")
+
+
 class MultiTaskAllSpark(nn.Module):
     """The shared LLM (``llm.``, its adapters trained by every task) and one :class:`AllSpark` part per task
     (``tasks.<name>.``: encoders, bridge, head, prompts). ``forward(batch)`` runs ``batch["task"]``'s part (a
-    one-task model also takes a batch that names none)."""
+    one-task model also takes a batch that names none).
+
+    ``shared_bridge``: one :class:`~allspark.bridge.ModalBridge` (``bridge.``: its queries, layers and final
+    norm) serves every task that has encoders; each such task's ``bridge`` is then its
+    :class:`~allspark.bridge.SharedBridgeEntry` (``tasks.<name>.bridge.``: a projection of each encoder whose
+    width is not ``bridge_width``, and the modality embeddings of a task with several encoders). The bridge's
+    architecture comes from the tasks' ``model.bridge`` blocks, which must agree; ``bridge_width`` (default: the
+    widest encoder of the tasks) is the width its layers attend over."""
 
     def __init__(self, cfgs: dict[str, Config], infos: dict[str, dict[str, Any]] | None = None,
-                 llm: LoadedLLM | None = None, loss_weights: dict[str, float] | None = None) -> None:
+                 llm: LoadedLLM | None = None, loss_weights: dict[str, float] | None = None,
+                 shared_bridge: bool = False, bridge_width: int | None = None) -> None:
         super().__init__()
+        _check_width_needs_shared(bool(shared_bridge), bridge_width)
         if not cfgs:
             raise ConfigError("a multi-task model needs at least one task; the task list is empty")
         _check_same_llm(cfgs)
@@ -386,7 +453,50 @@ class MultiTaskAllSpark(nn.Module):
             part.__dict__["llm"] = self.llm
             parts[name] = part
         self.tasks = nn.ModuleDict(parts)
+        #: the bridge every task shares (None: each task has its own, in ``tasks.<name>.bridge``)
+        self.bridge: ModalBridge | None = self._share_bridge(bridge_width) if shared_bridge else None
         self.loss_weights = {name: float((loss_weights or {}).get(name, 1.0)) for name in cfgs}
+
+    def _share_bridge(self, width: int | None) -> ModalBridge:
+        """Build the one bridge and route every task with encoders into it through its own entry (replacing the
+        bridge its :class:`AllSpark` part built)."""
+        bridged = {n: p for n, p in self.tasks.items() if p.bridge is not None}
+        if not bridged:
+            raise ConfigError(f"model.bridge.shared: none of the tasks {self.task_names} has an encoder, so there is "
+                              "no bridge to share (text and code tasks read their tokens directly)")
+        names = list(bridged)
+        first = to_dict(bridged[names[0]].cfg.model.bridge)
+        for name in names[1:]:
+            other = to_dict(bridged[name].cfg.model.bridge)
+            differ = [k for k in first if first[k] != other.get(k)]
+            if differ:
+                shown = ", ".join(f"model.bridge.{k} ({first[k]!r} vs {other.get(k)!r})" for k in differ)
+                raise ConfigError(f"tasks {names[0]!r} and {name!r} configure different bridges, but with "
+                                  f"model.bridge.shared they share one: {shown}; set the same values for both (e.g. "
+                                  "as joint `overrides`)")
+        widths = {n: [e.out_dim for e in p.encoders] for n, p in bridged.items()}
+        if width is None:
+            width = max(max(w) for w in widths.values())
+        elif isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise ConfigError(f"model.bridge.width must be a positive int, got {width!r}")
+        part = bridged[names[0]]
+        b = part.cfg.model.bridge
+        shared = ModalBridge([], self.hidden_size, width=width, num_queries=b.num_queries, depth=b.depth,
+                             heads=b.heads, dim_head=b.dim_head, ff_mult=b.ff_mult, dropout=b.dropout,
+                             output_scale=part._bridge_output_scale(b.output_scale))
+        for name, p in bridged.items():
+            p.bridge = SharedBridgeEntry(widths[name], shared)
+        logger.info("one bridge of width %d shared by tasks %s (encoder widths %s)", width, names, widths)
+        return shared
+
+    @property
+    def bridge_width(self) -> int | None:
+        """The shared bridge's token width (None: one bridge per task)."""
+        return self.bridge.token_dim if self.bridge is not None else None
+
+    def shared_settings(self) -> dict[str, Any]:
+        """How the shared parts are built, as :data:`SHARED_NAME` records it."""
+        return {"bridge": {"shared": self.bridge is not None, "width": self.bridge_width}}
 
     @property
     def task_names(self) -> list[str]:
@@ -422,9 +532,9 @@ class MultiTaskAllSpark(nn.Module):
 
     # -- trainable state -------------------------------------------------------------------------
     def hold(self, tasks: Sequence[str], shared: bool = True) -> list[str]:
-        """Stop training the parts of ``tasks`` and (``shared``) the shared adapters: no gradient, not in the
-        optimizer, but still in :meth:`trainable_state_dict` (a task added against held parts). Returns the names
-        held."""
+        """Stop training the parts of ``tasks`` and (``shared``) the shared parts (the adapters, and the shared
+        bridge if there is one): no gradient, not in the optimizer, but still in :meth:`trainable_state_dict` (a
+        task added against held parts). Returns the names held."""
         unknown = sorted(set(tasks) - set(self.task_names))
         if unknown:
             raise ValueError(f"hold: unknown task(s) {unknown}; this model holds tasks {self.task_names}")
@@ -438,13 +548,16 @@ class MultiTaskAllSpark(nn.Module):
         return held
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The shared adapters once (``llm.<name>``, the names of a single-task model) and each task's
-        trainable parts and persistent buffers (``tasks.<task>.<name>``), held parts (:meth:`hold`) included."""
+        """The shared adapters once (``llm.<name>``, the names of a single-task model), the shared bridge once
+        (``bridge.<name>``, with ``model.bridge.shared``) and each task's trainable parts and persistent buffers
+        (``tasks.<task>.<name>``), held parts (:meth:`hold`) included."""
         names = getattr(self, "_state_names", None)
         if names is not None:
             full = self.state_dict(keep_vars=True)
             return {n: full[n].detach() for n in names}
         state = {SHARED_PREFIX + n: p.detach() for n, p in self.llm.named_parameters() if p.requires_grad}
+        if self.bridge is not None:
+            state.update({BRIDGE_PREFIX + n: v.detach() for n, v in self.bridge.state_dict(keep_vars=True).items()})
         for task, part in self.tasks.items():
             for name, value in part.trainable_state_dict().items():
                 state[f"{TASK_PREFIX}{task}.{name}"] = value
@@ -462,6 +575,11 @@ class MultiTaskAllSpark(nn.Module):
         of a joint checkpoint); both are returned in the :class:`LoadReport`. A shared tensor or part of a task
         that is missing, or a tensor of the wrong shape, is always an error."""
         expected = self.trainable_state_dict()
+        held_shared = any(k.startswith(BRIDGE_PREFIX) for k in state)
+        if held_shared != (self.bridge is not None):
+            what = {True: "one bridge shared by its tasks", False: "one bridge per task"}
+            raise ValueError(f"checkpoint has {what[held_shared]} (model.bridge.shared: {str(held_shared).lower()}), "
+                             f"the model {what[self.bridge is not None]}; build the model as the checkpoint was")
         missing = set(expected) - set(state)
         unexpected = set(state) - set(expected)
         have = {self._task_of(k) for k in state}
@@ -503,8 +621,8 @@ class MultiTaskAllSpark(nn.Module):
     def save_pretrained(self, directory: str | Path, joint: JointConfig | None = None,
                         state: dict[str, torch.Tensor] | None = None) -> None:
         """Write the trainable weights (``model.safetensors``), each task's resolved config and data info
-        (``tasks/<name>/``), the joint config (``joint.yaml``, when given) and, with LoRA, the shared adapter in
-        PEFT's format (``adapter/``), atomically."""
+        (``tasks/<name>/``), how the shared parts are built (``shared.json``), the joint config (``joint.yaml``,
+        when given) and, with LoRA, the shared adapter in PEFT's format (``adapter/``), atomically."""
         expected = self.trainable_state_dict()
         state = expected if state is None else state
         if set(state) != set(expected):
@@ -516,6 +634,7 @@ class MultiTaskAllSpark(nn.Module):
         with atomic_dir(directory) as tmp:
             save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "allspark": "1",
                                                                 "tasks": ",".join(self.task_names)})
+            (tmp / SHARED_NAME).write_text(json.dumps(self.shared_settings(), indent=2))
             if joint is not None:
                 atomic_write_text(tmp / JOINT_CONFIG_NAME, _yaml(joint))
             for name, part in self.tasks.items():
@@ -537,12 +656,25 @@ class MultiTaskAllSpark(nn.Module):
         with ``trust_remote_code`` off, and a hub id as its name is refused (as ``AllSpark.from_pretrained``)."""
         directory = Path(directory)
         cfgs, infos = read_task_folders(directory, tasks)
-        model = cls(cfgs, infos)
-        model.load_trainable_state_dict(load_file(str(directory / WEIGHTS_NAME)), strict=tasks is None)
+        bridge = read_shared_settings(directory)["bridge"]
+        state = load_file(str(directory / WEIGHTS_NAME))
+        shared = bridge["shared"]
+        if shared and not any(cfg.model.encoders for cfg in cfgs.values()):
+            # text or code tasks of a checkpoint whose other tasks share a bridge: these have none to enter
+            shared = False
+            state = {k: v for k, v in state.items() if not k.startswith(BRIDGE_PREFIX)}
+        model = cls(cfgs, infos, shared_bridge=shared, bridge_width=bridge["width"] if shared else None)
+        model.load_trainable_state_dict(state, strict=tasks is None)
         return model
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def num_trained_parameters(self) -> int:
+        """The parameters a checkpoint of this model holds (trained now or held from an earlier run), the shared
+        ones counted once."""
+        params = dict(self.named_parameters())
+        return sum(params[k].numel() for k in self.trainable_state_dict() if k in params)
 
 
 def resolve_joint_checkpoint(path: Path) -> Path:
@@ -587,6 +719,26 @@ def read_task_folders(directory: Path, tasks: Sequence[str] | None = None
         cfgs[name] = cfg
         infos[name] = json.loads((folder / name / INFO_NAME).read_text())
     return cfgs, infos
+
+
+def read_shared_settings(directory: Path) -> dict[str, Any]:
+    """How a saved joint model's shared parts are built (:data:`SHARED_NAME`; a checkpoint written before it
+    existed has one bridge per task), checked."""
+    path = Path(directory) / SHARED_NAME
+    if not path.is_file():
+        return {"bridge": {"shared": False, "width": None}}
+    try:
+        data = json.loads(path.read_text())
+        bridge = data["bridge"]
+        shared, width = bridge["shared"], bridge["width"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{path}: expected {{\"bridge\": {{\"shared\": true|false, \"width\": int|null}}}}, could not "
+                        f"read it ({type(exc).__name__}: {exc})") from None
+    if not isinstance(shared, bool) or not (width is None or (isinstance(width, int) and not isinstance(width, bool)
+                                                              and width >= 1)):
+        raise UserError(f"{path}: expected bridge.shared a boolean and bridge.width a positive int or null, got "
+                        f"{bridge!r}")
+    return {"bridge": {"shared": shared, "width": width}}
 
 
 def _yaml(obj: Any) -> str:
@@ -663,6 +815,24 @@ class _TaskStream:
             return batch
 
 
+def check_same_draws(accelerator, drawn: Sequence[int], names: Sequence[str], step: int) -> None:
+    """Every process must train the task that the others train: the schedule is a pure function of (seed, step),
+    but a process that drew another task (another seed, a stale resume) would have its gradients averaged into the
+    other tasks' shared parts with no error. ``drawn``: the task indices of the steps up to ``step`` since the last
+    check; compared across the processes (a collective: call it on every process at the same steps)."""
+    if accelerator.num_processes == 1 or not drawn:
+        return
+    local = torch.tensor(list(drawn), dtype=torch.long, device=accelerator.device)
+    every = accelerator.gather(local).view(accelerator.num_processes, len(drawn)).cpu()
+    differ = (every != every[0]).any(dim=0)
+    if bool(differ.any()):
+        first = int(differ.nonzero()[0])
+        drew = ", ".join(f"process {r}: {names[int(i)]!r}" for r, i in enumerate(every[:, first].tolist()))
+        raise RuntimeError(f"the processes trained different tasks at step {step - len(drawn) + 1 + first} ({drew}); "
+                           "every process must draw the same task (same joint seed and schedule, resumed from the "
+                           "same checkpoint)")
+
+
 class _Routed:
     """The model as ``collect_predictions`` calls it, with every batch routed to one task."""
 
@@ -714,7 +884,13 @@ def _held_tasks(jcfg: JointConfig, cfgs: dict[str, Config]
     them is a task of this run, and its LLM is this run's (one LLM is shared)."""
     if not jcfg.init_from:
         return None, {}, {}
-    start = resolve_joint_checkpoint(Path(jcfg.init_from).expanduser())
+    start = Path(jcfg.init_from).expanduser()
+    single = (start / WEIGHTS_NAME).is_file() or (start / "best" / WEIGHTS_NAME).is_file()
+    if single and not is_joint_checkpoint(start):
+        raise UserError(f"init_from {start}: a single-task checkpoint; a joint run extends a joint one (a joint run "
+                        "folder or its best/, with tasks/<name>/config.yaml); to start one task from a single-task "
+                        "checkpoint, train it alone with --init-from")
+    start = resolve_joint_checkpoint(start)
     held_cfgs, held_infos = read_task_folders(start)
     again = sorted(set(held_cfgs) & set(cfgs))
     if again:
@@ -727,6 +903,27 @@ def _held_tasks(jcfg: JointConfig, cfgs: dict[str, Config]
     return start, held_cfgs, held_infos
 
 
+def _bridge_settings(jcfg: JointConfig, start: Path | None) -> tuple[bool, int | None]:
+    """(shared, width) of the run's bridge: the joint config's ``model.bridge``; with ``init_from`` the held
+    checkpoint's, which the config may repeat but not contradict (its tasks keep the bridge they were trained on)."""
+    want = jcfg.model.bridge
+    if start is None:
+        _check_width_needs_shared(bool(want.shared), want.width)
+        return bool(want.shared), want.width
+    held = read_shared_settings(start)["bridge"]
+    if want.shared is not None and want.shared != held["shared"]:
+        has = "one shared bridge" if held["shared"] else "a bridge each"
+        raise ConfigError(f"init_from {start}: its tasks have {has} (model.bridge.shared: "
+                          f"{str(held['shared']).lower()}), this config asks for "
+                          f"model.bridge.shared: {str(want.shared).lower()}; a run that extends a checkpoint keeps its "
+                          "bridge (leave model.bridge.shared unset)")
+    if want.width is not None and want.width != held["width"]:
+        raise ConfigError(f"init_from {start}: its shared bridge has width {held['width']}, this config asks for "
+                          f"model.bridge.width={want.width}; leave it unset (new tasks project their encoders to "
+                          "the held width)")
+    return held["shared"], held["width"]
+
+
 def train_joint(jcfg: JointConfig, output_dir: str | Path, *, resume: str | Path | bool | None = None,
                 step_callback: Callable[[JointState], None] | None = None) -> dict[str, Any]:
     """Train one model over ``jcfg``'s tasks into ``output_dir``; returns the test metrics of the best joint
@@ -735,7 +932,8 @@ def train_joint(jcfg: JointConfig, output_dir: str | Path, *, resume: str | Path
     Writes ``joint.yaml`` and ``tasks/<name>/config.yaml`` (resolved), ``log.jsonl`` (train records carry the
     task drawn and per-task running losses ``train/<task>/loss``; validation records ``val/<task>/<metric>`` and
     ``val/aggregate``), ``checkpoints/step-N`` (accelerate state + ``trainer_state.json``), ``best/``
-    (:meth:`MultiTaskAllSpark.save_pretrained`) and ``metrics.json``. ``resume``: True (the newest checkpoint in
+    (:meth:`MultiTaskAllSpark.save_pretrained`, with its model card ``README.md``: a section per task) and
+    ``metrics.json``. ``resume``: True (the newest checkpoint in
     ``output_dir``) or a checkpoint folder. ``step_callback`` runs on every process after each optimizer step."""
     from transformers import get_cosine_schedule_with_warmup
 
@@ -755,6 +953,7 @@ def train_joint(jcfg: JointConfig, output_dir: str | Path, *, resume: str | Path
     cfgs = resolve_task_configs(jcfg)
     names = list(cfgs)
     start, held_cfgs, held_infos = _held_tasks(jcfg, cfgs)
+    shared_bridge, bridge_width = _bridge_settings(jcfg, start)
     TaskSchedule(names, [1] * len(names), jcfg.schedule.type, jcfg.schedule.temperature)  # a bad schedule fails now
     attention_kernel(tcfg.attention_kernel, torch.device("cpu"))
     if tcfg.keep_checkpoints < 1:
@@ -787,21 +986,22 @@ def train_joint(jcfg: JointConfig, output_dir: str | Path, *, resume: str | Path
             sets[name] = {split: build_dataset(cfg, split, root) for split in ("train", "val", "test")}
             infos[name] = sets[name]["train"].info()
     model = MultiTaskAllSpark({**held_cfgs, **cfgs}, {**held_infos, **infos},
-                              loss_weights={n: s.loss_weight for n, s in specs.items()})
+                              loss_weights={n: s.loss_weight for n, s in specs.items()},
+                              shared_bridge=shared_bridge, bridge_width=bridge_width)
     if resume_ckpt is None:  # data-dependent starts (e.g. a forecast head's least-squares skip), as train() does
         from allspark import training
 
         init = getattr(training, "init_from_data", None)
         for name in names if init is not None else ():
             init(model.tasks[name], sets[name]["train"], cfgs[name].data.eval_batch_size)
-    if start is not None:  # the checkpoint's tasks and the shared adapters, held; this config's tasks train
+    if start is not None:  # the checkpoint's tasks and the shared parts, held; this config's tasks train
         report = model.load_trainable_state_dict(load_file(str(start / WEIGHTS_NAME)), strict=False)
         if report.missing_tasks != names:
             raise RuntimeError(f"init_from {start}: expected it to lack exactly the new tasks {names}, "
                                f"it lacks {report.missing_tasks}")
         held = model.hold(list(held_cfgs), shared=True)
-        logger.info("init_from %s: tasks %s and the shared adapters held (%d tensors); training %s", start,
-                    list(held_cfgs), len(held), names)
+        logger.info("init_from %s: tasks %s and the shared adapters%s held (%d tensors); training %s", start,
+                    list(held_cfgs), " and bridge" if model.bridge is not None else "", len(held), names)
     evaluators, baselines = {}, {}
     for name, cfg in cfgs.items():
         with _in_task(name):
@@ -925,13 +1125,15 @@ def train_joint(jcfg: JointConfig, output_dir: str | Path, *, resume: str | Path
     progress = tqdm(total=stop_at, initial=state.global_step, disable=not accelerator.is_local_main_process,
                     desc=f"train {','.join(names)}")
     running: dict[str, list[float]] = {}
+    drawn: list[int] = []  # the tasks drawn since the last check, compared across processes at log and eval steps
     t0 = time.perf_counter()
     interrupt = _StepBoundaryInterrupt()
     model.train()
     try:
         interrupt.install()
         while state.global_step < stop_at:
-            task = schedule(state.global_step)
+            drawn.append(schedule.index(state.global_step))
+            task = names[drawn[-1]]
             batch = streams[task].next()
             with attention_kernel(tcfg.attention_kernel, accelerator.device):
                 out = model({**batch, "task": task})
@@ -947,7 +1149,12 @@ def train_joint(jcfg: JointConfig, output_dir: str | Path, *, resume: str | Path
             state.tasks[task]["steps"] += 1
             running.setdefault(task, []).append(out.loss.detach().float().item())
             progress.update(1)
-            if state.global_step % tcfg.log_every_steps == 0:
+            at_log = state.global_step % tcfg.log_every_steps == 0
+            at_eval = state.global_step % eval_every == 0 or state.global_step == stop_at
+            if at_log or at_eval:
+                check_same_draws(accelerator, drawn, names, state.global_step)
+                drawn.clear()
+            if at_log:
                 # every process drew the same tasks, so the per-task means reduce across processes
                 means = {n: accelerator.reduce(torch.tensor(sum(v) / len(v), device=accelerator.device),
                                                "mean").item() for n, v in sorted(running.items())}
@@ -962,7 +1169,6 @@ def train_joint(jcfg: JointConfig, output_dir: str | Path, *, resume: str | Path
                 step_callback(state)
             if interrupt.requested(accelerator):
                 raise KeyboardInterrupt
-            at_eval = state.global_step % eval_every == 0 or state.global_step == stop_at
             if at_eval:
                 validate()
             if at_eval or (tcfg.save_every_steps and state.global_step % tcfg.save_every_steps == 0):
@@ -1000,6 +1206,12 @@ def train_joint(jcfg: JointConfig, output_dir: str | Path, *, resume: str | Path
             result["tasks"][name] = metrics
     if main:
         write_metrics(output_dir / "metrics.json", result)
+        from allspark.model_card import write_joint_model_card
+
+        write_joint_model_card(output_dir / "best", unwrapped.cfgs, {n: p.info for n, p in unwrapped.tasks.items()},
+                               result, bridge_width=unwrapped.bridge_width,
+                               widths={n: [e.out_dim for e in p.encoders] for n, p in unwrapped.tasks.items()},
+                               num_trainable=unwrapped.num_trained_parameters())
         if tcfg.test_at_end:
             log.write({f"test/{n}/{k}": v for n, m in result["tasks"].items() for k, v in m.items()
                        if isinstance(v, (int, float)) and not isinstance(v, bool)})

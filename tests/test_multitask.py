@@ -1,15 +1,20 @@
 """One model over several tasks (allspark/multitask.py) on the tiny random LLM: routing by task name, the shared
 adapters saved once under stable prefixes, a checkpoint that lacks a task, the task schedules' draws, a joint run
-through ``train.py --modality hsi,table`` (every task's loss falls and its test metric beats its baseline),
-``evaluate.py`` on the joint checkpoint, a new task added against the held shared parts (the old tasks' metrics
-unchanged), exact resume after a kill mid-run, and the errors of a bad task list."""
+through ``train.py --modality hsi,table`` (every task's loss falls and its test metric beats its baseline) and its
+model card, ``evaluate.py`` on the joint checkpoint, one bridge shared by three tasks (``model.bridge.shared``:
+its parameter count, its forward against a hand-composed one, a run that beats every task's baseline), a new task
+added against the held shared parts (the old tasks' metrics unchanged), exact resume after a kill mid-run, two
+processes under torchrun against one, and the errors of bad input."""
 from __future__ import annotations
 
 import json
+import math
+import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from allspark.config import ConfigError
 from allspark.data import build_dataset
@@ -17,7 +22,7 @@ from allspark.errors import UserError
 from allspark.multitask import (MultiTaskAllSpark, TaskSchedule, aggregate_score, load_joint_config,
                                 resolve_task_configs, train_joint)
 from allspark.training import find_latest_checkpoint
-from tests.helpers import ROOT
+from tests.helpers import ROOT, free_port, run
 
 #: both tasks shrunk to test size (72 HSI training pixels, 141 table rows; 9 and 18 batches of 8 a pass), LoRA
 #: dropout and random prompts on, so an exact resume must restore the RNG; ``TASK:key=value`` is one task's
@@ -26,6 +31,9 @@ TINY = ["model.llm.name=tiny", "model.bridge={num_queries: 4, depth: 1, heads: 2
         "hsi:model.encoders.0.args={dim: 16, depth: 1, heads: 2, bands_per_token: 8}", "hsi:data.args.train_ratio=0.1",
         "table:model.encoders.0.args={dim: 16, depth: 1, heads: 2, dropout: 0.0}", "table:data.args.train_ratio=0.05",
         "joint.train.log_every_steps=1", "joint.train.lr=3e-3"]
+#: three tasks of three encoder widths (hsi 16, table 24, sar 32) for the shared bridge
+THREE = [*TINY, "table:model.encoders.0.args={dim: 24, depth: 1, heads: 2, dropout: 0.0}",
+         "sar:model.encoders.0.args={channels: [8, 16, 32], kernel_sizes: [5, 5, 3], bn_momentum: 0.3}"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -133,6 +141,165 @@ def test_a_checkpoint_that_lacks_a_task_loads_with_strict_false_and_says_which(t
         new.load_trainable_state_dict(partial, strict=False)
 
 
+# -- one bridge shared by the tasks -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def three():
+    """(configs, train sets) of hsi, table and sar, whose encoders are 16, 24 and 32 wide."""
+    cfgs = resolve_task_configs(load_joint_config(tasks=["hsi", "table", "sar"], overrides=THREE))
+    return cfgs, {n: build_dataset(c, "train") for n, c in cfgs.items()}
+
+
+def _bridge_parameters(d: int, w: int, n: int, depth: int, ff: int) -> int:
+    """A bridge's queries, layers and final norm by hand: ``n`` queries of width ``d`` (heads x dim_head = d),
+    tokens of width ``w``; per layer LayerNorms of the queries, the tokens and the FFN input (weight + bias), the
+    bias-free q, kv and out projections, and the FFN's two biased linears."""
+    layer = 2 * d + 2 * w + d * d + w * 2 * d + d * d + 2 * d + (d * ff * d + ff * d) + (ff * d * d + d)
+    return n * d + depth * layer + 2 * d
+
+
+def test_a_shared_bridge_is_one_set_of_queries_and_layers_with_a_projection_per_encoder_width(three):
+    cfgs, sets = three
+    infos = {n: sets[n].info() for n in cfgs}
+    own = MultiTaskAllSpark(cfgs, infos)
+    shared = MultiTaskAllSpark(cfgs, infos, shared_bridge=True)
+    widths = {n: [e.out_dim for e in shared.tasks[n].encoders] for n in cfgs}
+    assert widths == {"hsi": [16], "table": [24], "sar": [32]}
+    assert shared.bridge_width == 32  # the widest encoder
+    d = shared.hidden_size
+    assert d == 64
+    core = {w: _bridge_parameters(d, w, n=4, depth=1, ff=2) for w in (16, 24, 32)}
+    # per task: a bridge at its own encoder's width; shared: one at width 32, and hsi's and table's projections
+    # to it (Linear 16->32 and 24->32, with bias); sar's encoder is 32 wide already (no projection)
+    assert sum(p.numel() for n, p in own.named_parameters() if ".bridge." in n) == core[16] + core[24] + core[32]
+    assert sum(p.numel() for n, p in shared.named_parameters() if "bridge." in n) == \
+        core[32] + (16 * 32 + 32) + (24 * 32 + 32)
+    assert own.num_parameters() - shared.num_parameters() == core[16] + core[24] - (16 * 32 + 32) - (24 * 32 + 32)
+    state = shared.trainable_state_dict()
+    assert "bridge.queries" in state and not any(k.startswith("tasks.") and ".queries" in k for k in state)
+    assert state["tasks.hsi.bridge.input_proj.0.weight"].shape == (32, 16)
+    assert state["tasks.table.bridge.input_proj.0.weight"].shape == (32, 24)
+    assert not any(k.startswith("tasks.sar.bridge.") for k in state)
+    assert all(shared.tasks[n].bridge.shared is shared.bridge for n in cfgs)
+    assert shared.shared_settings() == {"bridge": {"shared": True, "width": 32}}
+    wider = MultiTaskAllSpark(cfgs, infos, shared_bridge=True, bridge_width=48)  # every encoder projected
+    assert {k for k in wider.trainable_state_dict() if ".input_proj." in k and k.endswith("weight")} == {
+        f"tasks.{n}.bridge.input_proj.0.weight" for n in cfgs}
+
+
+def _hand_bridge(shared, proj: torch.nn.Linear, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The shared bridge written out: the task's projection, then per layer pre-norm multi-head cross-attention
+    of the queries over the tokens (padding masked) and a GELU FFN, each with a residual, then the final norm."""
+    b, n_q, d = tokens.shape[0], shared.queries.shape[0], shared.queries.shape[1]
+    t = tokens @ proj.weight.T + proj.bias
+    x = shared.queries.expand(b, n_q, d)
+    for layer in shared.layers:
+        heads = layer.attn.heads
+        q = F.layer_norm(x, (d,), layer.norm_q.weight, layer.norm_q.bias) @ layer.attn.to_q.weight.T
+        normed = F.layer_norm(t, (t.shape[-1],), layer.norm_tokens.weight, layer.norm_tokens.bias)
+        k, v = (normed @ layer.attn.to_kv.weight.T).chunk(2, dim=-1)
+        split = lambda z: z.reshape(b, z.shape[1], heads, -1).transpose(1, 2)
+        q, k, v = split(q), split(k), split(v)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+        attended = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, n_q, -1)
+        x = x + attended @ layer.attn.to_out.weight.T
+        first, second = layer.ff[0], layer.ff[3]
+        hidden = F.gelu(F.layer_norm(x, (d,), layer.norm_ff.weight, layer.norm_ff.bias) @ first.weight.T + first.bias)
+        x = x + hidden @ second.weight.T + second.bias
+    return F.layer_norm(x, (d,), shared.norm.weight, shared.norm.bias)
+
+
+def test_a_shared_bridge_forward_is_the_hand_composed_one(three):
+    """hsi's bridge tokens are its projection then the shared layers, written out by hand; its whole forward is
+    that of a single-task model holding the same weights (the shared bridge's under its own names)."""
+    from allspark.bridge import ModalBridge
+    from allspark.model import AllSpark
+
+    cfgs, sets = three
+    torch.manual_seed(0)
+    model = MultiTaskAllSpark(cfgs, {n: sets[n].info() for n in cfgs}, shared_bridge=True).eval()
+    ds = sets["hsi"]
+    batch = ds.collate([ds[i] for i in range(5)])
+    part = model.tasks["hsi"]
+    with torch.no_grad():
+        tokens = part.encode_tokens(batch)[0]
+        by_hand = _hand_bridge(model.bridge, part.bridge.input_proj[0], tokens.tokens, tokens.mask)
+        assert torch.allclose(part.encode(batch), by_hand, atol=1e-5)
+        single = AllSpark(cfgs["hsi"], ds.info(), llm=model._llm)
+        b = cfgs["hsi"].model.bridge
+        single.bridge = ModalBridge([16], model.hidden_size, width=32, num_queries=b.num_queries, depth=b.depth,
+                                    heads=b.heads, ff_mult=b.ff_mult)
+        joint = model.trainable_state_dict()
+        task_own = ("encoders.", "head.", "bridge.input_proj.", "bridge.modality_embed")
+        single.load_trainable_state_dict({k: joint[f"tasks.hsi.{k}" if k.startswith(task_own) else k]
+                                          for k in single.trainable_state_dict()})
+        single.eval()
+        expected = single(batch).predictions
+        got = model({**batch, "task": "hsi"}).predictions
+    assert expected.keys() == got.keys()
+    assert all(torch.allclose(expected[k].float(), got[k].float(), atol=1e-5) for k in expected)
+    # a sar batch trains the shared bridge and sar's part, not hsi's projection
+    model.train()
+    sar = sets["sar"].collate([sets["sar"][i] for i in range(4)])
+    model({**sar, "task": "sar"}).loss.backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert "bridge.queries" in grads and "bridge.layers.0.attn.to_kv.weight" in grads
+    assert not any(n.startswith(("tasks.hsi.", "tasks.table.")) for n in grads)
+
+
+def test_a_shared_bridge_is_saved_once_and_loads_only_into_a_shared_model(three, tmp_path):
+    cfgs, sets = three
+    infos = {n: sets[n].info() for n in cfgs}
+    model = MultiTaskAllSpark(cfgs, infos, shared_bridge=True)
+    model.save_pretrained(tmp_path / "m")
+    saved = load_file(str(tmp_path / "m" / "model.safetensors"))
+    assert sorted(saved) == sorted(model.trainable_state_dict())
+    assert json.loads((tmp_path / "m" / "shared.json").read_text()) == {"bridge": {"shared": True, "width": 32}}
+    back = MultiTaskAllSpark.from_pretrained(tmp_path / "m")
+    assert back.bridge_width == 32 and all(torch.equal(back.trainable_state_dict()[k], v) for k, v in saved.items())
+    one = MultiTaskAllSpark.from_pretrained(tmp_path / "m", tasks=["table"])  # one task of it, into the held bridge
+    assert one.task_names == ["table"] and torch.equal(one.bridge.queries, saved["bridge.queries"])
+    with pytest.raises(ValueError, match=r"checkpoint has one bridge shared by its tasks.*the model one bridge per "
+                                         r"task"):
+        MultiTaskAllSpark(cfgs, infos).load_trainable_state_dict(saved)
+    (tmp_path / "m" / "shared.json").write_text('{"bridge": {"shared": "yes"}}')
+    with pytest.raises(UserError, match=r"shared.json: expected \{\"bridge\".*KeyError"):
+        MultiTaskAllSpark.from_pretrained(tmp_path / "m")
+
+
+def test_a_task_without_encoders_has_no_bridge_beside_a_shared_one(three, tmp_path):
+    """text reads its tokens directly: with hsi it shares no bridge, and loaded alone from the checkpoint it
+    needs none (the shared bridge's tensors are left out)."""
+    cfgs = resolve_task_configs(load_joint_config(tasks=["hsi", "text"], overrides=TINY[:5]))
+    sets = {n: build_dataset(c, "train") for n, c in cfgs.items()}
+    model = MultiTaskAllSpark(cfgs, {n: d.info() for n, d in sets.items()}, shared_bridge=True)
+    assert model.tasks["text"].bridge is None and model.tasks["hsi"].bridge.shared is model.bridge
+    model.save_pretrained(tmp_path / "m")
+    text = MultiTaskAllSpark.from_pretrained(tmp_path / "m", tasks=["text"])
+    assert text.bridge is None and not any(k.startswith("bridge.") for k in text.trainable_state_dict())
+    batch = sets["text"].collate([sets["text"][i] for i in range(3)])
+    model.eval(), text.eval()
+    with torch.no_grad():
+        a, b = model({**batch, "task": "text"}).predictions, text(batch).predictions
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ConfigError, match="none of the tasks \\['text'\\] has an encoder"):
+        MultiTaskAllSpark({"text": cfgs["text"]}, {"text": sets["text"].info()}, shared_bridge=True)
+
+
+def test_a_shared_bridge_needs_the_tasks_to_agree_on_its_architecture(three):
+    cfgs, sets = three
+    infos = {n: sets[n].info() for n in cfgs}
+    deeper = resolve_task_configs(load_joint_config(tasks=["hsi", "table", "sar"],
+                                                    overrides=[*THREE, "sar:model.bridge.depth=2"]))
+    with pytest.raises(ConfigError, match=r"tasks 'hsi' and 'sar' configure different bridges, but with "
+                                          r"model.bridge.shared they share one: model.bridge.depth \(1 vs 2\)"):
+        MultiTaskAllSpark(deeper, infos, shared_bridge=True)
+    MultiTaskAllSpark(deeper, infos)  # one bridge per task: each its own depth
+    with pytest.raises(ConfigError, match="model.bridge.width=32 is the width of a shared bridge"):
+        MultiTaskAllSpark(cfgs, infos, bridge_width=32)
+
+
 # -- the schedule and the aggregate ----------------------------------------------------------------------------------
 
 def test_round_robin_cycles_the_tasks_in_list_order():
@@ -169,13 +336,15 @@ def test_aggregate_is_direction_aware_and_relative():
 
 @pytest.fixture(scope="module")
 def joint_run(tmp_path_factory):
-    """``train.py --modality hsi,table``, 40 steps round-robin, validated at steps 20 and 40."""
+    """``train.py --modality hsi,table``, 40 steps round-robin, validated at steps 20 and 40; table also scored
+    against a classical baseline (ridge)."""
     from allspark.cli import train_main
 
     out = tmp_path_factory.mktemp("joint") / "run"
     try:
         assert train_main(["--modality", "hsi,table", "--output-dir", str(out), *TINY, "joint.train.steps=40",
-                           "joint.train.eval_every_steps=20", "joint.schedule.type=round_robin"]) == 0
+                           "joint.train.eval_every_steps=20", "joint.schedule.type=round_robin",
+                           "table:eval.baselines=[{type: ridge, args: {inputs: [num, cat, num_mask]}}]"]) == 0
     finally:
         _reset_accelerate()
     return out
@@ -203,6 +372,28 @@ def test_train_py_short_form_trains_both_tasks_and_each_loss_falls(joint_run):
     assert json.loads((out / "best" / "tasks" / "table" / "data_info.json").read_text())
 
 
+def test_a_joint_checkpoint_has_a_model_card_with_a_section_per_task(joint_run):
+    from allspark.model_card import _fmt
+
+    metrics = json.loads((joint_run / "metrics.json").read_text())
+    card = (joint_run / "best" / "README.md").read_text()
+    assert card.startswith("# AllSpark joint checkpoint: `hsi`, `table`")
+    assert "- language model: `tiny` (frozen), adapter `lora` (r=8" in card and "- modal bridge: one per task" in card
+    sections = card.split("\n## ")
+    hsi = next(t for t in sections if t.startswith("Task `hsi`"))
+    table = next(t for t in sections if t.startswith("Task `table`"))
+    assert f"| **OA** | {_fmt(metrics['tasks']['hsi']['OA'])} |" in hsi and "`hsi_spectral`" in hsi
+    assert "classes: Asphalt, Meadows" in hsi and "RMSE" not in hsi
+    m = metrics["tasks"]["table"]
+    assert f"| **RMSE** | {_fmt(m['RMSE'])} |" in table and f"| baseline/RMSE | {_fmt(m['baseline/RMSE'])} |" in table
+    # the classical baseline beside the model, on the main metric
+    assert f"| this model | {_fmt(m['RMSE'])} |" in table
+    assert f"| ridge | {_fmt(m['baselines']['ridge']['RMSE'])} |" in table
+    assert f"Validation RMSE of the best step: {_fmt(m['val/RMSE'])}." in table
+    assert "MultiTaskAllSpark.from_pretrained" in card and "```yaml\nname: allspark" in card  # the joint config
+    assert f"- best step {metrics['aggregate']['best_step']}," in card
+
+
 def test_evaluate_py_evaluates_every_task_of_a_joint_checkpoint_or_one(joint_run, tmp_path):
     from allspark.cli import evaluate_main
     from allspark.multitask import evaluate_joint
@@ -226,45 +417,133 @@ def test_evaluate_py_evaluates_every_task_of_a_joint_checkpoint_or_one(joint_run
     assert list(one["tasks"]) == ["table"] and one["tasks"]["table"]["RMSE"] == pytest.approx(trained["table"]["RMSE"])
 
 
-def test_a_new_task_trains_against_the_held_shared_parts_and_old_metrics_stay(joint_run, tmp_path):
-    """A third task (PM2.5 under another name, from configs/table.yaml) added to the hsi+table checkpoint with
-    ``--init-from``: the shared adapters and the old tasks are held, so their weights and metrics are unchanged."""
+@pytest.fixture(scope="module")
+def shared_run(tmp_path_factory):
+    """``train.py --modality hsi,table,sar`` with one shared bridge (encoders 16, 24 and 32 wide), 48 steps
+    round-robin, validated at steps 24 and 48."""
+    from allspark.cli import train_main
+
+    out = tmp_path_factory.mktemp("shared") / "run"
+    try:
+        assert train_main(["--modality", "hsi,table,sar", "--output-dir", str(out), *THREE,
+                           "joint.model.bridge.shared=true", "joint.train.steps=48", "joint.train.eval_every_steps=24",
+                           "joint.schedule.type=round_robin"]) == 0
+    finally:
+        _reset_accelerate()
+    return out
+
+
+def test_three_tasks_through_one_shared_bridge_each_beat_their_baseline(shared_run):
+    metrics = json.loads((shared_run / "metrics.json").read_text())
+    assert metrics["steps_per_task"] == {"hsi": 16, "table": 16, "sar": 16}
+    hsi, table, sar = (metrics["tasks"][t] for t in ("hsi", "table", "sar"))
+    assert hsi["OA"] > 2 / 9  # nine classes: twice chance
+    assert table["RMSE"] < table["baseline/RMSE"]  # the training-mean predictor
+    assert sar["top1"] > 2 / 5  # five targets: twice chance
+    train = [json.loads(line) for line in (shared_run / "log.jsonl").read_text().splitlines()]
+    for task in ("hsi", "table", "sar"):
+        losses = [r[f"train/{task}/loss"] for r in train if r.get("task") == task]
+        assert len(losses) == 16 and sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4, (task, losses)
+    best = shared_run / "best"
+    saved = load_file(str(best / "model.safetensors"))
+    assert "bridge.queries" in saved and "tasks.hsi.bridge.input_proj.0.weight" in saved
+    assert not any(k.startswith("tasks.") and ".bridge.layers." in k for k in saved)  # the layers once, shared
+    assert json.loads((best / "shared.json").read_text()) == {"bridge": {"shared": True, "width": 32}}
+    card = (best / "README.md").read_text()
+    assert "- modal bridge: one, shared by `hsi`, `table`, `sar`: 4 queries, depth 1, token width 32" in card
+    assert "encoder width(s) [24] projected to 32" in card and "encoder width 32 as it is" in card
+
+
+@pytest.mark.parametrize("held", ["joint_run", "shared_run"])
+def test_a_new_task_trains_against_the_held_shared_parts_and_old_metrics_stay(held, request, tmp_path, monkeypatch):
+    """A new task (PM2.5 under another name, from configs/table.yaml) added with ``--init-from`` to the hsi+table
+    checkpoint (a bridge per task) or to the hsi+table+sar one (one shared bridge, 32 wide): the shared adapters,
+    the shared bridge and the old tasks are held, so their weights and metrics are unchanged; the new task trains
+    its encoder, head and (shared bridge) its projection from its 16-wide encoder into the held bridge."""
     import yaml
 
     from allspark.cli import train_main
     from allspark.multitask import evaluate_joint
 
+    run_dir = request.getfixturevalue(held)
+    trained = json.loads((run_dir / "metrics.json").read_text())["tasks"]
     extend = tmp_path / "extend.yaml"
     extend.write_text(yaml.safe_dump({"tasks": [{"name": "pm25", "config": str(ROOT / "configs" / "table.yaml")}],
                                       "train": {"steps": 16, "lr": 3e-3, "log_every_steps": 1}}))
     common = [t.replace("table:", "pm25:") for t in TINY if not t.startswith(("hsi:", "joint."))]
+    seen = {}
+    real_hold = MultiTaskAllSpark.hold
+
+    def hold(self, tasks, shared=True):  # what the run trains once the checkpoint's parts are held
+        names = real_hold(self, tasks, shared)
+        seen["trainable"] = {n for n, p in self.named_parameters() if p.requires_grad}
+        seen["start"] = {k: v.clone() for k, v in self.trainable_state_dict().items() if k.startswith("tasks.pm25.")}
+        return names
+
+    monkeypatch.setattr(MultiTaskAllSpark, "hold", hold)
     out = tmp_path / "run"
     try:
-        assert train_main(["--config", str(extend), "--init-from", str(joint_run), "--output-dir", str(out),
+        assert train_main(["--config", str(extend), "--init-from", str(run_dir), "--output-dir", str(out),
                            *common]) == 0
         _reset_accelerate()
-        before = evaluate_joint(joint_run, output_dir=tmp_path / "before")
+        before = evaluate_joint(run_dir, output_dir=tmp_path / "before")
         _reset_accelerate()
         after = evaluate_joint(out, output_dir=tmp_path / "after")
     finally:
         _reset_accelerate()
-    assert set(after["tasks"]) == {"hsi", "table", "pm25"}
-    for task, metric in (("hsi", "OA"), ("hsi", "kappa"), ("table", "RMSE"), ("table", "MAE")):
-        assert after["tasks"][task][metric] == before["tasks"][task][metric], (task, metric)
-    old = load_file(str(joint_run / "best" / "model.safetensors"))
+    assert set(after["tasks"]) == {*trained, "pm25"}
+    for task, metrics in before["tasks"].items():
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, float) and "second" not in k}  # not timings
+        differ = {k: (v, after["tasks"][task].get(k)) for k, v in scalars.items() if after["tasks"][task].get(k) != v}
+        assert scalars and not differ, (task, differ)
+        main = trained[task]["metric_for_best"]
+        assert metrics[main] == pytest.approx(trained[task][main])  # the checkpoint rebuilt as it was trained
+    old = load_file(str(run_dir / "best" / "model.safetensors"))
     new = load_file(str(out / "best" / "model.safetensors"))
     assert all(torch.equal(old[k], new[k]) for k in old)  # the held parts, bit for bit
-    assert any(k.startswith("tasks.pm25.") for k in new)
+    assert seen["trainable"] and all(n.startswith("tasks.pm25.") for n in seen["trainable"])  # the new task only
+    assert {k for k in new if k not in old} == set(seen["start"])  # the new task's part, all of it saved
+    changed = {k for k, v in seen["start"].items() if not torch.equal(v, new[k])}
+    assert any(".encoders." in k for k in changed) and any(".head." in k for k in changed)
+    if held == "shared_run":
+        projection = "tasks.pm25.bridge.input_proj.0.weight"
+        assert projection in changed and new[projection].shape == (32, 16)  # its 16-wide encoder into the bridge
+        assert not any(k.startswith("tasks.pm25.bridge.layers.") for k in new)  # it entered the held bridge
+        assert json.loads((out / "best" / "shared.json").read_text())["bridge"] == {"shared": True, "width": 32}
+    else:
+        assert "tasks.pm25.bridge.queries" in changed  # its own bridge
     pm25 = after["tasks"]["pm25"]
     assert pm25["RMSE"] < pm25["baseline/RMSE"]
-    # extending with a task the checkpoint holds, or with another LLM, is refused before any training
-    with pytest.raises(ConfigError, match=r"holds task\(s\) \['table'\] already"):
-        train_main(["--modality", "table", "--init-from", str(joint_run), "--output-dir", str(tmp_path / "x"),
-                    *[t for t in TINY if not t.startswith(("hsi:", "joint."))]])
-    with pytest.raises(ConfigError, match="its LLM is not this run's.*model.llm.tiny.hidden_size"):
-        train_main(["--config", str(extend), "--init-from", str(joint_run), "--output-dir", str(tmp_path / "y"),
-                    *common, "model.llm.tiny.hidden_size=32"])
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    if held == "joint_run":
+        # extending with a task the checkpoint holds, or with another LLM, is refused before any training
+        with pytest.raises(ConfigError, match=r"holds task\(s\) \['table'\] already"):
+            train_main(["--modality", "table", "--init-from", str(run_dir), "--output-dir", str(tmp_path / "x"),
+                        *[t for t in TINY if not t.startswith(("hsi:", "joint."))]])
+        with pytest.raises(ConfigError, match="its LLM is not this run's.*model.llm.tiny.hidden_size"):
+            train_main(["--config", str(extend), "--init-from", str(run_dir), "--output-dir", str(tmp_path / "y"),
+                        *common, "model.llm.tiny.hidden_size=32"])
+        with pytest.raises(ConfigError, match=r"its LLM is not this run's.*model.llm.name \('tiny' vs "
+                                              r"'smollm2-135m-instruct'\)"):
+            train_main(["--config", str(extend), "--init-from", str(run_dir), "--output-dir", str(tmp_path / "z"),
+                        *common, "model.llm.name=smollm2-135m-instruct"])
+        with pytest.raises(ConfigError, match=r"its tasks have a bridge each \(model.bridge.shared: false\), this "
+                                              r"config asks for model.bridge.shared: true"):
+            train_main(["--config", str(extend), "--init-from", str(run_dir), "--output-dir", str(tmp_path / "s"),
+                        *common, "joint.model.bridge.shared=true"])
+    else:
+        with pytest.raises(ConfigError, match=r"its tasks have one shared bridge .* asks for model.bridge.shared: "
+                                              r"false"):
+            train_main(["--config", str(extend), "--init-from", str(run_dir), "--output-dir", str(tmp_path / "x"),
+                        *common, "joint.model.bridge.shared=false"])
+        with pytest.raises(ConfigError, match=r"its shared bridge has width 32, this config asks for "
+                                              r"model.bridge.width=64"):
+            train_main(["--config", str(extend), "--init-from", str(run_dir), "--output-dir", str(tmp_path / "y"),
+                        *common, "joint.model.bridge.width=64"])
+        with pytest.raises(ConfigError, match=r"configure different bridges.*model.bridge.num_queries \(4 vs 8\)"):
+            train_main(["--config", str(extend), "--init-from", str(run_dir), "--output-dir", str(tmp_path / "z"),
+                        *common, "pm25:model.bridge.num_queries=8"])
+        _reset_accelerate()
+    assert not any((tmp_path / d).exists() for d in "xyzs")
 
 
 def test_the_shipped_joint_config_resolves_every_task():
@@ -287,8 +566,11 @@ class _Kill(RuntimeError):
     pass
 
 
-def test_a_joint_run_killed_mid_run_resumes_to_bit_identical_weights(tmp_path, monkeypatch):
+@pytest.mark.parametrize("bridge", ["per_task", "shared"])
+def test_a_joint_run_killed_mid_run_resumes_to_bit_identical_weights(bridge, tmp_path, monkeypatch):
     from allspark import training
+
+    extra = ["joint.model.bridge.shared=true"] if bridge == "shared" else []
 
     steps = {"full": [], "cut": []}
     inits = []  # data-dependent starts: once per task of a fresh run, never on resume (the weights are loaded)
@@ -304,10 +586,10 @@ def test_a_joint_run_killed_mid_run_resumes_to_bit_identical_weights(tmp_path, m
         return callback
 
     try:
-        train_joint(_joint(), tmp_path / "full", step_callback=record("full"))
+        train_joint(_joint(*extra), tmp_path / "full", step_callback=record("full"))
         _reset_accelerate()
         with pytest.raises(_Kill):
-            train_joint(_joint(), tmp_path / "cut", step_callback=record("cut", kill_at=10))
+            train_joint(_joint(*extra), tmp_path / "cut", step_callback=record("cut", kill_at=10))
         _reset_accelerate()
         latest = find_latest_checkpoint(tmp_path / "cut")
         assert latest.name == "step-8"
@@ -316,7 +598,7 @@ def test_a_joint_run_killed_mid_run_resumes_to_bit_identical_weights(tmp_path, m
         assert sum(p["steps"] for p in positions.values()) == 8
         assert all(0 < p["batches_in_epoch"] for p in positions.values()), positions  # both loaders mid-epoch
         steps["cut"].clear()
-        train_joint(_joint(), tmp_path / "cut", resume=True, step_callback=record("cut"))
+        train_joint(_joint(*extra), tmp_path / "cut", resume=True, step_callback=record("cut"))
     finally:
         _reset_accelerate()
     assert steps["full"] == list(range(1, 25)) and steps["cut"] == list(range(9, 25))  # resumed, not restarted
@@ -324,6 +606,7 @@ def test_a_joint_run_killed_mid_run_resumes_to_bit_identical_weights(tmp_path, m
     a = load_file(str(tmp_path / "full" / "checkpoints" / "step-24" / "model.safetensors"))
     b = load_file(str(tmp_path / "cut" / "checkpoints" / "step-24" / "model.safetensors"))
     assert a.keys() == b.keys()
+    assert ("bridge.queries" in a) == (bridge == "shared")  # the shared bridge is in the training checkpoint
     differ = [k for k in a if not torch.equal(a[k], b[k])]
     assert not differ, differ[:4]
     full_state = json.loads((tmp_path / "full" / "checkpoints" / "step-24" / "trainer_state.json").read_text())
@@ -333,7 +616,98 @@ def test_a_joint_run_killed_mid_run_resumes_to_bit_identical_weights(tmp_path, m
                                                                 .splitlines()) if "task" in r]
     assert logged("cut") == logged("full")  # every step logged once, the same task drawn
     with pytest.raises(UserError, match="differs"):
-        train_joint(_joint("joint.schedule.type=round_robin"), tmp_path / "cut", resume=True)
+        train_joint(_joint(*extra, "joint.schedule.type=round_robin"), tmp_path / "cut", resume=True)
+    flipped = "joint.model.bridge.shared=" + ("false" if bridge == "shared" else "true")
+    with pytest.raises(UserError, match=r"differs .* model.bridge.shared"):
+        train_joint(_joint(flipped), tmp_path / "cut", resume=True)
+
+
+# -- two processes ---------------------------------------------------------------------------------------------
+
+#: run under torchrun (and alone): train_joint, recording on every process the task each step trained (the task
+#: whose step count rose), into draws-rank<R>.json
+_RECORD_DRAWS = """
+import json, os, sys
+from pathlib import Path
+
+from allspark.multitask import load_joint_config, train_joint
+
+out, overrides = Path(sys.argv[1]), sys.argv[2:]
+seen, draws = {}, []
+
+
+def record(state):
+    rose = [n for n, p in state.tasks.items() if p["steps"] != seen.get(n, 0)]
+    seen.update({n: p["steps"] for n, p in state.tasks.items()})
+    draws.append([state.global_step, *rose])
+
+
+train_joint(load_joint_config(tasks=["hsi", "table"], overrides=overrides), out, step_callback=record)
+(out / f"draws-rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(draws))
+"""
+
+
+def test_two_processes_take_the_same_task_every_step_and_match_one_process(tmp_path, monkeypatch):
+    """torchrun, two CPU processes (gloo), per-process batches of 4, against one process with batches of 8: the
+    same global batches (hsi 72 and table 144 training rows: whole batches, no padding), the same draws on both
+    processes and in the one-process run, the same first loss of each task, and the same test metrics. Not bit
+    for bit: the mean of two all-reduced half-batch gradients rounds differently from one full-batch gradient,
+    and Adam's first steps (``g / sqrt(v)``) turn rounding-level gradients into steps of the learning rate, so
+    the runs drift apart by about 0.3 % over 24 steps; a wrong global batch or data split moves them by far more."""
+    script = tmp_path / "record_draws.py"
+    script.write_text(_RECORD_DRAWS)
+    common = [t for t in TINY if not t.startswith("data.batch_size")] + [
+        "model.llm.adapter.dropout=0.0", "model.prompts.train_choice=first",  # no per-process random draws
+        "table:data.args.train_ratio=0.051", "data.eval_batch_size=64", "joint.schedule.type=proportional",
+        "joint.train.steps=24", "joint.train.eval_every_steps=12"]
+    env = {"OMP_NUM_THREADS": "1"}
+    two = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), str(script), str(tmp_path / "two"), *common, "data.batch_size=4"], env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", [str(script), str(tmp_path / "one"), *common, "data.batch_size=8"])
+    try:  # the same script in this process (no second start-up)
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        _reset_accelerate()
+    m2, m1 = (json.loads((tmp_path / r / "metrics.json").read_text()) for r in ("two", "one"))
+    assert m2["num_processes"] == 2 and m1["num_processes"] == 1
+    rank0, rank1, alone = (json.loads((tmp_path / d / f).read_text()) for d, f in
+                           (("two", "draws-rank0.json"), ("two", "draws-rank1.json"), ("one", "draws-rank0.json")))
+    assert [r[0] for r in rank0] == list(range(1, 25)) and all(len(r) == 2 for r in rank0)  # one task a step
+    assert rank0 == rank1 == alone
+    assert {t for _, t in rank0} == {"hsi", "table"}
+    assert m2["steps_per_task"] == m1["steps_per_task"]
+    logs = [[json.loads(x) for x in (tmp_path / r / "log.jsonl").read_text().splitlines()] for r in ("two", "one")]
+    for task in ("hsi", "table"):  # the first global batch of each task: the same rows, the same loss
+        first2, first1 = (next(r["loss"] for r in log if r.get("task") == task) for log in logs)
+        assert first2 == pytest.approx(first1, rel=1e-5), task
+    for task, keys in (("hsi", ("OA", "AA", "kappa")), ("table", ("RMSE", "MAE", "R2", "baseline/RMSE"))):
+        assert m2["tasks"][task]["num_samples"] == m1["tasks"][task]["num_samples"]  # every test row once
+        for key in keys:
+            assert m2["tasks"][task][key] == pytest.approx(m1["tasks"][task][key], rel=2e-2), (task, key)
+
+
+def test_processes_that_draw_different_tasks_stop_with_an_error():
+    from allspark.multitask import check_same_draws
+
+    class TwoProcesses:  # what gather returns when process 1 drew table at the second step
+        num_processes, device = 2, torch.device("cpu")
+
+        def gather(self, tensor):
+            assert tensor.tolist() == [0, 0, 1]
+            return torch.tensor([0, 0, 1, 0, 1, 1])
+
+    with pytest.raises(RuntimeError, match=r"trained different tasks at step 9 \(process 0: 'hsi', process 1: "
+                                           r"'table'\)"):
+        check_same_draws(TwoProcesses(), [0, 0, 1], ["hsi", "table"], step=10)
+
+    class Agreeing(TwoProcesses):
+        def gather(self, tensor):
+            return tensor.repeat(2)
+
+    check_same_draws(Agreeing(), [0, 0, 1], ["hsi", "table"], step=10)
 
 
 # -- bad input -----------------------------------------------------------------------------------------------------
@@ -345,6 +719,14 @@ def test_bad_task_lists_fail_with_one_clear_error(tmp_path):
         load_joint_config(tasks=[])
     with pytest.raises(ConfigError, match=r"lists task\(s\) \['hsi'\] more than once"):
         load_joint_config(tasks=["hsi", "hsi"])
+    # names that would collide inside the model (its task table's own attributes) or on disk (tasks/<name>/)
+    with pytest.raises(ConfigError, match=r"tasks.1: the task name 'train' collides with an attribute of the model's "
+                                          r"task table"):
+        load_joint_config(tasks=["hsi", "train"])
+    with pytest.raises(ConfigError, match="tasks 'hsi' and 'HSI' differ only in case"):
+        load_joint_config(tasks=["hsi", "HSI"])
+    with pytest.raises(ConfigError, match=r"without '.', ':', ',', '/'"):
+        load_joint_config(tasks=["hsi", "hsi/table"])
     with pytest.raises(ConfigError, match="names task 'rgb', which is not in the task list"):
         load_joint_config(tasks=["hsi", "table"], overrides=["rgb:train.lr=1"])
     with pytest.raises(ConfigError, match=r"tasks 'hsi' and 'table' configure different LLMs.*model.llm.name"):
@@ -352,12 +734,28 @@ def test_bad_task_lists_fail_with_one_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="schedule.type must be one of"):
         train_joint(load_joint_config(tasks=["hsi", "table"], overrides=[*TINY, "joint.schedule.type=random"]),
                     tmp_path / "bad")
+    # the shared bridge is the joint config's: not a task key, and a width only with it
+    with pytest.raises(ConfigError, match=r"model.bridge.shared is a key of the joint config .* "
+                                          r"joint.model.bridge.shared=VALUE"):
+        resolve_task_configs(load_joint_config(tasks=["hsi", "table"], overrides=[*TINY, "model.bridge.shared=true"]))
+    with pytest.raises(ConfigError, match="model.bridge.width=32 is the width of a shared bridge"):
+        train_joint(load_joint_config(tasks=["hsi", "table"], overrides=[*TINY, "joint.model.bridge.width=32"]),
+                    tmp_path / "bad")
+    with pytest.raises(ConfigError, match="model.bridge.width must be a positive int, got 0"):
+        load_joint_config(tasks=["hsi", "table"], overrides=["joint.model.bridge.width=0"])
+    # init_from a single-task checkpoint
+    (tmp_path / "single" / "best").mkdir(parents=True)
+    save_file({"head.weight": torch.zeros(1)}, str(tmp_path / "single" / "best" / "model.safetensors"))
+    with pytest.raises(UserError, match=r"init_from .*single: a single-task checkpoint; a joint run extends a joint "
+                                        r"one"):
+        train_joint(load_joint_config(tasks=["table"], overrides=[*TINY[:5], f"joint.init_from={tmp_path / 'single'}"]),
+                    tmp_path / "bad")
     # a task whose dataset cannot be read: its name in the message, and no run folder written
     with pytest.raises(UserError, match=r"task 'table': data root '.*nowhere' does not exist"):
         train_joint(load_joint_config(tasks=["hsi", "table"], overrides=[*TINY, f"table:data.root={tmp_path}/nowhere"]),
                     tmp_path / "unread")
     _reset_accelerate()
-    assert not (tmp_path / "bad").exists() and not (tmp_path / "unread" / "joint.yaml").exists()
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "unread").exists()
 
 
 def test_train_py_exits_2_on_an_unknown_task_and_writes_nothing(tmp_path, capsys):
