@@ -239,11 +239,38 @@ def export_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--checkpoint", required=True, type=Path,
                    help="a run folder (its best/ is used) or a folder written by save_pretrained")
     p.add_argument("--out", required=True, type=Path, help="the folder to write (must not exist yet)")
+    p.add_argument("--push-to-hub", metavar="REPO_ID",
+                   help="then upload OUT to this Hugging Face Hub model repository ('name' or 'namespace/name'; "
+                        "created if missing) with huggingface_hub.upload_folder; the token is HF_TOKEN or "
+                        "`hf auth login`'s")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
+    p.add_argument("--commit-message", help="with --push-to-hub: the commit message")
     args = p.parse_args(argv)
+    if args.push_to_hub is None and (args.private or args.commit_message):
+        p.error("--private and --commit-message go with --push-to-hub REPO_ID")
+    if args.push_to_hub is not None:
+        from allspark.hub import check_repo_id
+
+        check_repo_id(args.push_to_hub)  # a bad id or no huggingface_hub: before the export's work
     out = export_checkpoint(args.checkpoint, args.out)
     print(f"exported {args.checkpoint} to {out} (AutoModelForCausalLM.from_pretrained loads it; "
           f"AllSpark.from_pretrained loads {out / EXPORT_PARTS_DIR})")
+    if args.push_to_hub is not None:
+        from allspark.hub import push_folder
+
+        url = push_folder(out, args.push_to_hub, private=True if args.private else None,
+                          commit_message=args.commit_message)
+        print(f"pushed {out} to the Hugging Face Hub: {url}")
     return 0
+
+
+def _workers(text: str) -> int | str:
+    """``--num-workers``: ``auto`` or a whole number >= 0."""
+    if text == "auto":
+        return text
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected auto or a whole number >= 0, got {text!r}")
+    return int(text)
 
 
 def predict_main(argv: Sequence[str] | None = None, prog: str = "python -m allspark predict") -> int:
@@ -275,8 +302,11 @@ def predict_main(argv: Sequence[str] | None = None, prog: str = "python -m allsp
                    help="autocast; default: the checkpoint config's train.mixed_precision (auto)")
     p.add_argument("--top-k", type=int, default=5, help="class probabilities per row (default 5)")
     p.add_argument("--data-root",
-                   help="the training data (default: the checkpoint config's data.root), read only where the reader "
-                        "fits statistics on the training split (hsi, msi, table)")
+                   help="the training data, read only for a checkpoint from before the statistics a reader fits on "
+                        "the training split (hsi, msi, table) were stored in its data_info.json (default: the "
+                        "checkpoint config's data.root)")
+    p.add_argument("--num-workers", type=_workers, metavar="N|auto",
+                   help="DataLoader worker processes (default: the checkpoint config's data.num_workers, auto)")
     p.add_argument("--modality", help="refuse a checkpoint of another modality")
     p.add_argument("--trust-remote-code", action="store_true", help="as for evaluate.py")
     p.add_argument("--allow-download", action="store_true", help="as for evaluate.py")
@@ -285,8 +315,8 @@ def predict_main(argv: Sequence[str] | None = None, prog: str = "python -m allsp
 
     written = predict(args.checkpoint, args.input, args.out, fmt=args.format, batch_size=args.batch_size,
                       device=args.device, mixed_precision=args.mixed_precision, top_k=args.top_k,
-                      data_root=args.data_root, modality=args.modality, trust_remote_code=args.trust_remote_code,
-                      allow_download=args.allow_download)
+                      data_root=args.data_root, modality=args.modality, num_workers=args.num_workers,
+                      trust_remote_code=args.trust_remote_code, allow_download=args.allow_download)
     from accelerate import PartialState
 
     if PartialState().is_main_process:

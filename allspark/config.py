@@ -71,6 +71,9 @@ class LLMConfig:
     #: where that is fast, else float32; see allspark.precision), float32, bfloat16 or float16. Adapters always
     #: train in float32. A forced bf16/fp16 that the device emulates warns once with the measured slowdown.
     dtype: str = "auto"
+    #: frozen weights quantised on load by bitsandbytes (a CUDA GPU only): ``none``, ``8bit`` (LLM.int8) or
+    #: ``4bit`` (NF4 with double quantisation, computing in ``dtype``: QLoRA); the adapters stay float32
+    quantization: str = "none"
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
@@ -185,7 +188,16 @@ class DataConfig:
     args: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 32
     eval_batch_size: int = 128
-    num_workers: int = 0
+    #: DataLoader worker processes of every loader (training, evaluation, prediction): ``auto`` = none on a machine
+    #: without a CUDA GPU (the model's compute needs the cores, and on two cores one pass over a demo training split
+    #: took 0.006-0.07 s without workers, 0.04-0.27 s with one or two) and min(4, cores per local process - 1)
+    #: with one (reading and decoding then overlap the GPU's steps); or a number >= 0
+    num_workers: int | str = "auto"
+    #: page-locked batches for faster host-to-GPU copies: ``auto`` = on when the run's device is a CUDA GPU
+    pin_memory: bool | str = "auto"
+    #: keep the workers alive between passes over a split (epochs, validations) instead of starting them anew:
+    #: ``auto`` = on whenever there are workers
+    persistent_workers: bool | str = "auto"
     demo_seed: int = 0
 
 

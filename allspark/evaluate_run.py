@@ -6,7 +6,7 @@ from typing import Any
 
 from allspark.baselines import baseline_metrics, build_baselines
 from allspark.config import ConfigError, apply_overrides, from_dict, to_dict, Config
-from allspark.data import build_dataset, build_loader, resolve_data_root
+from allspark.data import build_dataset, build_loader, loader_options, resolve_data_root
 from allspark.distributed import make_accelerator
 from allspark.errors import UserFileNotFoundError
 from allspark.evaluation import build_evaluator, collect_predictions, write_metrics
@@ -57,7 +57,8 @@ def evaluate_checkpoint(
     dataset = build_dataset(cfg, split, root)
     evaluator = build_evaluator(cfg, model.info)
     baselines = build_baselines(cfg, model.info, evaluator)
-    loader = build_loader(dataset, cfg.data.eval_batch_size, num_workers=cfg.data.num_workers)
+    loading = loader_options(cfg.data, accelerator.device)
+    loader = build_loader(dataset, cfg.data.eval_batch_size, **loading)
     model = accelerator.prepare(model)
     gathered = {split: collect_predictions(model, accelerator.prepare(loader), accelerator, evaluator.pred_keys,
                                            evaluator.batch_keys, split)}
@@ -65,7 +66,7 @@ def evaluate_checkpoint(
                **evaluator.compute(gathered[split])}
     for extra in evaluator.extra_splits:  # what the report needs beyond the scored split (e.g. the scene map)
         gathered[extra], stats = evaluator.predict_extra(extra, model, build_dataset(cfg, extra, root), accelerator,
-                                                         cfg.data.eval_batch_size, cfg.data.num_workers)
+                                                         cfg.data.eval_batch_size, **loading)
         metrics.update(stats)
     metrics["precision"] = precision
     metrics.update(evaluator.model_metrics(accelerator.unwrap_model(model), dataset, accelerator))
@@ -76,7 +77,9 @@ def evaluate_checkpoint(
         out_dir.mkdir(parents=True, exist_ok=True)
         write_metrics(out_dir / "metrics.json", metrics)
         extras = {k: v for k, v in gathered.items() if k != split}
-        evaluator.report(gathered[split], metrics, extras, out_dir, f"AllSpark evaluation: {cfg.modality} ({split})")
+        report = evaluator.report(gathered[split], metrics, extras, out_dir,
+                                  f"AllSpark evaluation: {cfg.modality} ({split})")
+        _add_training_curves(report, checkpoint, ckpt, cfg)
         from allspark.model_card import write_model_card
 
         unwrapped = accelerator.unwrap_model(model)
@@ -84,3 +87,19 @@ def evaluate_checkpoint(
                          num_trainable=unwrapped.num_parameters(trainable_only=True))
     accelerator.wait_for_everyone()
     return metrics
+
+
+def _add_training_curves(report: Path, checkpoint: Path, ckpt: Path, cfg: Config) -> None:
+    """The run's training curves (its ``log.jsonl``: loss and validation metric per step) as a figure beside the
+    report and a section at its end; nothing for a checkpoint outside a run folder."""
+    from allspark.evaluation.curves import CURVES_NAME, plot_training_curves, read_log, run_log
+    from allspark.io import atomic_write_text
+
+    log = run_log(checkpoint, ckpt)
+    if log is None:
+        return
+    caption = plot_training_curves(read_log(log), cfg.train.metric_for_best, cfg.train.greater_is_better,
+                                   report.parent / CURVES_NAME)
+    if caption is not None:
+        text = report.read_text().rstrip("\n")
+        atomic_write_text(report, f"{text}\n\n## {caption}\n\n![{caption}]({CURVES_NAME})\n")

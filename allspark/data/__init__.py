@@ -24,6 +24,9 @@ __all__ = [
     "resolve_data_root",
     "build_dataset",
     "build_loader",
+    "loader_options",
+    "resolve_loader_options",
+    "usable_cores",
     "import_readers",
 ]
 
@@ -122,16 +125,64 @@ class EpochSampler(Sampler[int]):
         return self.length
 
 
-def build_loader(dataset: ModalityDataset, batch_size: int, *, num_workers: int = 0,
-                 sampler: Sampler | None = None) -> DataLoader:
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _setting(value: Any, name: str) -> bool | str:
+    if value == "auto" or isinstance(value, bool):
+        return value
+    from allspark.config import ConfigError
+
+    raise ConfigError(f"data.{name} must be auto, true or false, got {value!r}")
+
+
+def resolve_loader_options(num_workers: int | str = "auto", pin_memory: bool | str = "auto",
+                           persistent_workers: bool | str = "auto",
+                           device: torch.device | str | None = None) -> dict[str, Any]:
+    """``data.num_workers``, ``data.pin_memory`` and ``data.persistent_workers`` (see :class:`DataConfig`) as the
+    DataLoader arguments for a run on ``device`` (default: a CUDA GPU when this machine has one).
+
+    ``num_workers: auto``: 0 without a CUDA device; with one, ``min(4, cores / local processes - 1)`` (the cores of
+    this process's affinity mask, shared by the ``LOCAL_WORLD_SIZE`` processes a launcher starts on this machine).
+    ``pin_memory: auto``: on for a CUDA device. ``persistent_workers: auto``: on when there are workers (never
+    without: torch refuses it). A bad value is a :class:`ConfigError` naming the key."""
+    from allspark.config import ConfigError
+
+    on_cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+    if num_workers == "auto":
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
+        workers = max(0, min(4, usable_cores() // local - 1)) if on_cuda else 0
+    elif isinstance(num_workers, int) and not isinstance(num_workers, bool) and num_workers >= 0:
+        workers = num_workers
+    else:
+        raise ConfigError(f"data.num_workers must be auto or a whole number >= 0, got {num_workers!r}")
+    pin, persistent = _setting(pin_memory, "pin_memory"), _setting(persistent_workers, "persistent_workers")
+    return {"num_workers": workers, "pin_memory": on_cuda if pin == "auto" else bool(pin),
+            "persistent_workers": workers > 0 and (persistent == "auto" or bool(persistent))}
+
+
+def loader_options(data: Any, device: torch.device | str | None = None) -> dict[str, Any]:
+    """The DataLoader arguments a config's ``data`` section sets (resolved: :func:`resolve_loader_options`)."""
+    return resolve_loader_options(data.num_workers, data.pin_memory, data.persistent_workers, device)
+
+
+def build_loader(dataset: ModalityDataset, batch_size: int, *, num_workers: int | str = 0,
+                 sampler: Sampler | None = None, pin_memory: bool | str = "auto",
+                 persistent_workers: bool | str = "auto", device: torch.device | str | None = None) -> DataLoader:
+    """The loader of ``dataset`` in order (or ``sampler``'s), batched with the reader's ``collate``. The worker
+    settings are those of ``data.*`` (``auto`` resolved for ``device``; see :func:`resolve_loader_options`); pass
+    ``**loader_options(cfg.data)``."""
+    options = resolve_loader_options(num_workers, pin_memory, persistent_workers, device)
     return DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
-        num_workers=num_workers,
         collate_fn=dataset.collate,
         drop_last=False,
-        # Creating a loader iterator draws a seed; with its own generator it does not consume the
-        # global RNG, which a resumed run restores from the checkpoint and must see unchanged.
+        # Creating a loader iterator draws a seed (the workers' seeds derive from it); with its own generator it
+        # does not consume the global RNG, which a resumed run restores from the checkpoint and must see unchanged.
         generator=torch.Generator().manual_seed(0),
+        **options,
     )

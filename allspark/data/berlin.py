@@ -54,6 +54,7 @@ class BerlinHSISAR(PairedRasterScene):
     dataset_name = "Berlin"
     demo_version: ClassVar[int] = 5
     label_files = (FILES["train"][0], FILES["test"][0])
+    scene_files = tuple(name for name, _ in FILES.values())
 
     def read_scene(self, root: Path, hsi_bands: int | None = None, sar_channels: int | None = None):
         from allspark.data.pavia import read_mat_array

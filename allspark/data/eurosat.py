@@ -20,7 +20,8 @@ the rest is ``test``; ``val_ratio`` of the pool is held out as ``val`` (see
 
 Scaling: digital numbers are divided by 10 000 (Sentinel-2 L1C reflectance scale) and standardised per
 band with the mean/std of up to ``stats_files`` evenly spaced *training* files, so nothing of val/test
-leaks into the statistics. Items: ``image`` float32 [13, S, S], ``label`` int64, ``index`` int64.
+leaks into the statistics (``info()["preprocessing"]``: ``band_mean``, ``band_std``, stored in a checkpoint's
+``data_info.json``). Items: ``image`` float32 [13, S, S], ``label`` int64, ``index`` int64.
 """
 from __future__ import annotations
 
@@ -109,7 +110,10 @@ class EuroSATMS(ModalityDataset):
 
     def info(self) -> dict[str, Any]:
         return {"num_classes": len(self.class_names), "class_names": list(self.class_names),
-                "num_bands": self.bands, "image_size": self.image_size}
+                "num_bands": self.bands, "image_size": self.image_size,
+                # fitted on training tiles: stored in the checkpoint, so predict needs no training data
+                "preprocessing": {"band_mean": self.band_mean[:, 0, 0].tolist(),
+                                  "band_std": self.band_std[:, 0, 0].tolist()}}
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -79,6 +79,7 @@ class Houston2018HSILiDAR(PairedRasterScene):
     demo_version: ClassVar[int] = 6
 
     label_files = (TRAIN_FILE, TEST_FILE)
+    scene_files = (HSI_FILE, *LIDAR_FILES, TRAIN_FILE, TEST_FILE)
 
     def read_scene(self, root: Path, hsi_bands: int | None = None, lidar_nan_as_nodata: bool = False):
         files = [HSI_FILE, *LIDAR_FILES, TRAIN_FILE, TEST_FILE]

@@ -22,10 +22,19 @@ classification loss ignores them; a correlation objective (``model.alignment``) 
 from them too -- the semi-supervised use of maximal correlation on paired modalities. Test pixels are never
 used this way. ``labelled_share`` s (optional) makes every training batch hold ``round(s x batch_size)``
 labelled pixels (:class:`LabelledShareSampler`); by default batches are plain shuffles of the split.
-Per-band mean and standard deviation of each raster are fitted on the raster pixels under the ``train`` labels only and applied everywhere.
+Per-band mean and standard deviation of each raster are fitted on the raster pixels under the ``train`` labels only and applied everywhere
+(``info()["preprocessing"]``: ``{raster key: {band_mean, band_std}}``, stored in a checkpoint's ``data_info.json``).
+
+The files are read once per process, not once per split: the rasters and label maps :meth:`read_scene` returns
+are cached (read-only arrays) under the reader class, the root, the reading arguments and the size and
+modification time of every file in ``scene_files``, and the normalised, padded rasters are shared by the splits
+built with the same fitting pixels. A rewritten file is read again.
 """
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
+from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 import numpy as np
@@ -101,6 +110,29 @@ class LabelledShareSampler(torch.utils.data.Sampler):
         return iter(np.concatenate([lab, unl], 1).reshape(-1).tolist())
 
 
+#: scenes read by this process: key -> {"read": (rasters, train map, test map), "normalised": {...}}; the two most
+#: recent are kept (the splits of one run share one entry)
+_SCENES: OrderedDict[tuple, dict[str, Any]] = OrderedDict()
+_SCENES_KEPT = 2
+
+
+def _stamps(root: Path, files: Sequence[str]) -> tuple:
+    """(name, size, mtime) of each of ``files`` under ``root`` (missing: None), the cache key of a scene."""
+    out = []
+    for name in files:
+        try:
+            st = (root / name).stat()
+            out.append((name, st.st_size, st.st_mtime_ns))
+        except OSError:
+            out.append((name, None, None))
+    return tuple(out)
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    array.setflags(write=False)  # shared by every split: nothing may change it in place
+    return array
+
+
 class PairedRasterScene(ModalityDataset):
     """Base reader: subclasses implement :meth:`read_scene` and name their rasters' batch keys."""
 
@@ -111,6 +143,25 @@ class PairedRasterScene(ModalityDataset):
     dataset_name: ClassVar[str] = "paired raster scene"
     #: the training and the test label map, relative to the root (named in the errors about the maps)
     label_files: ClassVar[tuple[str, str]] = ("training map", "test map")
+    #: every file :meth:`read_scene` reads, relative to the root: their sizes and times key the read cache
+    #: (empty: every file under the root)
+    scene_files: ClassVar[tuple[str, ...]] = ()
+
+    def _scene(self, read_args: dict[str, Any]) -> dict[str, Any]:
+        """The cache entry of this root's scene, reading the files only when no split has read them yet."""
+        key = (type(self), str(self.root.resolve()), tuple(sorted((k, repr(v)) for k, v in read_args.items())),
+               _stamps(self.root, self.scene_files or sorted(
+                   str(p.relative_to(self.root)) for p in self.root.rglob("*") if p.is_file())))
+        entry = _SCENES.get(key)
+        if entry is None:
+            rasters, train_map, test_map = self.read_scene(self.root, **read_args)
+            entry = {"read": ([_read_only(np.asarray(r)) for r in rasters], _read_only(np.asarray(train_map)),
+                              _read_only(np.asarray(test_map))), "normalised": {}}
+            _SCENES[key] = entry
+            while len(_SCENES) > _SCENES_KEPT:
+                _SCENES.popitem(last=False)
+        _SCENES.move_to_end(key)
+        return entry
 
     def __init__(self, root, split: str, *, patch: int = 7, val_ratio: float = 0.1, split_seed: int = 0,
                  class_names: Sequence[str] | None = None, unlabelled_ratio: float = 0.0,
@@ -122,7 +173,8 @@ class PairedRasterScene(ModalityDataset):
             raise ConfigError(f"{self.dataset_name}: val_ratio must be in [0, 1), got {val_ratio}")
         if not unlabelled_ratio >= 0:
             raise ConfigError(f"{self.dataset_name}: unlabelled_ratio must be >= 0, got {unlabelled_ratio}")
-        rasters, train_map, test_map = self.read_scene(self.root, **read_args)
+        scene = self._scene(read_args)
+        rasters, train_map, test_map = scene["read"]
         if len(rasters) != len(self.raster_keys):
             raise RuntimeError(f"{type(self).__name__}.read_scene returned {len(rasters)} rasters for keys "
                                f"{self.raster_keys}")
@@ -175,21 +227,32 @@ class PairedRasterScene(ModalityDataset):
         half = patch // 2
         self.images: list[torch.Tensor] = []
         self.centres: list[torch.Tensor] = []
-        channels = {}
-        for key, raster in zip(self.raster_keys, rasters):
-            raster = raster.astype(np.float32, copy=False)
+        channels, stats = {}, {}
+        # the splits of one scene fit on the same training pixels: they share the normalised, padded rasters
+        fit_key = (patch, hashlib.sha256(np.ascontiguousarray(train).tobytes()).hexdigest())
+        shared = scene["normalised"].get(fit_key)
+        if shared is None:
+            shared = scene["normalised"][fit_key] = []
+            while len(scene["normalised"]) > _SCENES_KEPT:  # other fits of the scene (seeds, patch sizes)
+                scene["normalised"].pop(next(iter(scene["normalised"])))
+            for raster in rasters:
+                raster = raster.astype(np.float32, copy=False)
+                hm, wm, _ = raster.shape
+                tr, tc = map_to_grid(t_rows, t_cols, (height, width), (hm, wm))
+                fit = raster[tr, tc].astype(np.float64)
+                mean, std = fit.mean(0), fit.std(0)
+                std = np.where(std > 1e-12 * np.maximum(np.abs(mean), 1.0), std, 1.0)
+                normed = ((raster - mean) / std).astype(np.float32)
+                padded = np.pad(normed, ((half, half), (half, half), (0, 0)), mode="reflect" if min(hm, wm) > half
+                                else "edge")
+                shared.append((torch.from_numpy(np.ascontiguousarray(padded.transpose(2, 0, 1))), mean, std))
+        for key, raster, (image, mean, std) in zip(self.raster_keys, rasters, shared):
             hm, wm, c = raster.shape
-            tr, tc = map_to_grid(t_rows, t_cols, (height, width), (hm, wm))
-            fit = raster[tr, tc].astype(np.float64)
-            mean, std = fit.mean(0), fit.std(0)
-            std = np.where(std > 1e-12 * np.maximum(np.abs(mean), 1.0), std, 1.0)
-            normed = ((raster - mean) / std).astype(np.float32)
-            padded = np.pad(normed, ((half, half), (half, half), (0, 0)), mode="reflect" if min(hm, wm) > half
-                            else "edge")
-            self.images.append(torch.from_numpy(np.ascontiguousarray(padded.transpose(2, 0, 1))))
+            self.images.append(image)
             r, cc = map_to_grid(rows, cols, (height, width), (hm, wm))
             self.centres.append(torch.from_numpy(np.stack([r, cc], 1)))
             channels[key] = int(c)
+            stats[key] = {"band_mean": mean.tolist(), "band_std": std.tolist()}
         self.labels = torch.from_numpy((labels[idx] - 1).astype(np.int64))
         self.coords = torch.from_numpy(np.stack([rows, cols], 1).astype(np.int64))
         self._info = {
@@ -197,6 +260,7 @@ class PairedRasterScene(ModalityDataset):
             "width": int(width), "channels": channels, "patch": patch,
             "raster_shapes": {k: list(r.shape) for k, r in zip(self.raster_keys, rasters)},
             "split_sizes": {k: int(len(v)) for k, v in parts.items()}, "unlabelled_train": int(len(unlabelled)),
+            "preprocessing": stats,
         }
 
     def read_scene(self, root, **kwargs) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:  # pragma: no cover

@@ -28,7 +28,8 @@ Splits:
   drawn from.
 
 Per-band mean and standard deviation are fitted on the ``train`` pixels only (after removing ``val``) and
-applied to every split, so no statistic of validation or test pixels leaks into training.
+applied to every split, so no statistic of validation or test pixels leaks into training. ``info()`` carries
+them as ``preprocessing: {band_mean, band_std}``; a checkpoint stores them in ``data_info.json``.
 
 Refused with ``DatasetFormatError`` naming the file: a missing or unreadable .mat file, no variable of the
 expected name and rank (or several candidates), a cube that is not 3-D real numeric or holds NaN/inf (no
@@ -337,6 +338,9 @@ class PaviaUniversity(ModalityDataset):
             "height": int(height),
             "width": int(width),
             "split_sizes": {name: int(len(v)) for name, v in parts.items()},
+            # the statistics fitted on the training split, stored in the checkpoint (data_info.json), so a
+            # trained model normalises new scenes without the training data (allspark predict)
+            "preprocessing": {"band_mean": self.band_mean.tolist(), "band_std": self.band_std.tolist()},
         }
 
     def _user_split(self, split_file: str | Path, keys: Sequence[str], gt: np.ndarray,
@@ -388,8 +392,9 @@ class PaviaUniversity(ModalityDataset):
                 "index": torch.tensor(i, dtype=torch.int64)}
 
     def info(self) -> dict[str, Any]:
-        return {**self._info, "class_names": list(self._info["class_names"]),
-                "split_sizes": dict(self._info["split_sizes"])}
+        import copy
+
+        return copy.deepcopy(self._info)
 
     # -- demo ----------------------------------------------------------------------------------------
     @classmethod

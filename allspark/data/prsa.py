@@ -30,7 +30,8 @@ numeric column.
 
 Split (paper: 40% train, the rest test): a seeded random 40% of the rows is the training pool, of which
 ``val_ratio`` is held out for model selection; the remaining 60% is the test split. Standardisation
-statistics of the features and of the target come from the training split only.
+statistics of the features and of the target come from the training split only; ``info()`` carries them (and
+the station list and first year) so that a checkpoint's ``data_info.json`` holds everything the encoding needs.
 """
 from __future__ import annotations
 
@@ -228,6 +229,10 @@ class PRSAAirQuality(ModalityDataset):
             "target_name": TARGET,
             "target_mean": self.target_mean,
             "target_std": self.target_std,
+            # fitted on the training split (with ``stations`` and ``cat_cardinalities`` above): stored in the
+            # checkpoint, so predict encodes new rows without the training data
+            "preprocessing": {"first_year": int(self.first_year), "num_mean": self.num_mean.tolist(),
+                              "num_std": self.num_std.tolist()},
         }
 
     @classmethod

@@ -100,13 +100,14 @@ class Evaluator:
         protocol's model outputs hold more than a baseline predicts."""
         return self.compute(gathered)
 
-    def predict_extra(self, name: str, model, dataset, accelerator, batch_size: int, num_workers: int = 0
-                      ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    def predict_extra(self, name: str, model, dataset, accelerator, batch_size: int, num_workers: int | str = 0,
+                      **loading: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """Predictions for the report's extra split ``name`` (one of ``extra_splits``) and any metrics about
-        them (e.g. a scene map's pixels per second); by default the split's loader through the model."""
+        them (e.g. a scene map's pixels per second); by default the split's loader through the model.
+        ``num_workers``, ``loading``: the DataLoader worker settings (:func:`allspark.data.build_loader`)."""
         from allspark.data import build_loader
 
-        loader = accelerator.prepare(build_loader(dataset, batch_size, num_workers=num_workers))
+        loader = accelerator.prepare(build_loader(dataset, batch_size, num_workers=num_workers, **loading))
         return collect_predictions(model, loader, accelerator, self.pred_keys, self.batch_keys, name), {}
 
     def model_metrics(self, model, dataset, accelerator=None) -> dict[str, Any]:

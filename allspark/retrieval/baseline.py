@@ -18,7 +18,7 @@ __all__ = ["untrained_metrics", "main"]
 def untrained_metrics(cfg, split: str = "test") -> dict[str, Any]:
     from accelerate.utils import set_seed
 
-    from allspark.data import build_dataset, build_loader, resolve_data_root
+    from allspark.data import build_dataset, build_loader, loader_options, resolve_data_root
     from allspark.distributed import make_accelerator
     from allspark.evaluation import build_evaluator, collect_predictions
     from allspark.model import AllSpark
@@ -30,7 +30,7 @@ def untrained_metrics(cfg, split: str = "test") -> dict[str, Any]:
     model = AllSpark(cfg, info)
     dataset = build_dataset(cfg, split, root)
     evaluator = build_evaluator(cfg, info)
-    loader = build_loader(dataset, cfg.data.eval_batch_size, num_workers=cfg.data.num_workers)
+    loader = build_loader(dataset, cfg.data.eval_batch_size, **loader_options(cfg.data, accelerator.device))
     model, loader = accelerator.prepare(model, loader)
     gathered = collect_predictions(model, loader, accelerator, evaluator.pred_keys, evaluator.batch_keys, split)
     return {"split": split, "untrained": True, **evaluator.compute(gathered)}
