@@ -366,7 +366,7 @@ def test_answers_recipe_loss_and_the_evaluators_answer_accuracy_by_hand(monkeypa
     assert metrics["answer_accuracy"] == pytest.approx(6 / 9)
     assert metrics["answer_prefix_accuracy"] == pytest.approx(7 / 9)
     assert metrics["answer_unmatched"] == pytest.approx(2 / 9)  # the going-on answer and "???"
-    assert metrics["answer_examples"][1] == {"true": truth[labels[1]], "generated": canned[1]}
+    assert metrics["answer_examples"][1] == {"label": labels[1], "true": truth[labels[1]], "generated": canned[1]}
     # a linear head cannot be asked for answer_accuracy: one clear error
     lin_cfg = load_config("hsi", overrides=TINY_HSI + ["eval.args.generate_answers=true"])
     lin = AllSpark.from_config(lin_cfg, train.info())

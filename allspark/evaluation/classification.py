@@ -72,7 +72,8 @@ class ClassificationEvaluator(Evaluator):
         back to a class by the head (:meth:`~heads.verbalizer.VerbalizerHead.match_answers`). ``answer_accuracy``:
         the share whose answer is exactly the true class's answer after normalisation; ``answer_prefix_accuracy``:
         whose answer begins with it; ``answer_unmatched``: the share that names no candidate exactly;
-        ``answer_examples``: the first few (true answer, generated) pairs."""
+        ``answer_examples``: (label, true answer, generated) of the first sample of each class, up to
+        ``answer_examples`` of them."""
         if not self.generate_answers:
             return {}
         head = getattr(model, "head", None)
@@ -95,8 +96,12 @@ class ClassificationEvaluator(Evaluator):
                 prefix += head.match_answers(texts, "prefix")
                 rows = batch[self.label_key].tolist()
                 labels += rows
-                examples += [{"true": truths[y] if 0 <= y < len(truths) else str(y), "generated": t}
-                             for y, t in zip(rows, texts)][: max(0, self.answer_examples - len(examples))]
+                seen = {e["label"] for e in examples}
+                for y, t in zip(rows, texts):  # the first answer of each class, up to answer_examples
+                    if y not in seen and len(examples) < self.answer_examples:
+                        seen.add(y)
+                        examples.append({"label": y, "true": truths[y] if 0 <= y < len(truths) else str(y),
+                                         "generated": t})
         finally:
             model.train(was_training)
         y, e, p = np.asarray(labels), np.asarray(exact), np.asarray(prefix)
