@@ -57,3 +57,11 @@ def fit_one_batch(model, batch: dict, steps: int, lr: float = 1e-2) -> list[floa
         opt.step()
         losses.append(loss.item())
     return losses
+
+
+def majority_share(metrics: dict) -> float:
+    """The accuracy of always predicting the evaluated split's commonest class, from the classification metrics'
+    ``support``: the most that a model predicting one constant class (e.g. a head whose input is zero) reaches on
+    OA / top1. End-to-end tests assert the trained model clears it by a margin."""
+    support = metrics["support"]
+    return max(support.values()) / sum(support.values())

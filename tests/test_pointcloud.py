@@ -10,6 +10,7 @@ from allspark.data.base import DatasetFormatError
 from allspark.data.modelnet import ModelNet40
 from encoders.point_ops import farthest_point_sample, group_points, knn
 from encoders.pointbert import PointBERTEncoder
+from tests.helpers import majority_share
 
 
 
@@ -130,15 +131,22 @@ def test_tiny_training_run_writes_top1_and_macc(tmp_path):
 
     cfg = load_config("pointcloud", overrides=[
         "model.llm.name=tiny",
-        "model.encoders.0.args={num_points: 1024, num_groups: 16, group_size: 8, dim: 16, depth: 1, heads: 2}",
+        # bn_momentum 0.5 as the demo sets it (replacing the args drops it; at 0.1 eval mode predicts one class)
+        "model.encoders.0.args={num_points: 1024, num_groups: 16, group_size: 8, dim: 32, depth: 1, heads: 2, "
+        "bn_momentum: 0.5}",
         "model.bridge={num_queries: 4, depth: 1, heads: 2, ff_mult: 2}",
-        "model.llm.dtype=float32", "data.batch_size=32", "train.epochs=1", "train.lr=3e-3",
+        "model.llm.dtype=float32", "data.batch_size=16", "train.epochs=10", "train.lr=1e-3",
     ])
     metrics = train(cfg, tmp_path / "run")
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["top1"] == pytest.approx(metrics["top1"])
     assert 0 <= saved["mAcc"] <= 1 and saved["mAcc"] == pytest.approx(saved["AA"])
     assert len(saved["per_class"]) == 5
+    # The model tells the five solids apart: top1 and mAcc at least 0.45 on the 40 balanced test shapes, where
+    # chance and any constant prediction score 0.2 (18 of 40 right is 4 standard deviations above guessing).
+    # Measured (seeds 0/1/2): top1 0.625/0.85/0.65; broken (train.lr=0): 0.2.
+    assert majority_share(saved) == pytest.approx(0.2)
+    assert saved["top1"] >= 0.45 and saved["mAcc"] >= 0.45, (saved["top1"], saved["mAcc"])
 
 
 def test_pointbert_eval_mode_keeps_up_with_a_short_fast_run():

@@ -9,6 +9,7 @@ import torch
 from allspark.data.base import DatasetFormatError
 from allspark.data.ucf101 import UCF101, _write_avi, clip_indices, read_clip
 from encoders.tubevit import TubeSpec, TubeViTEncoder, sincos_3d
+from tests.helpers import majority_share
 
 
 
@@ -135,12 +136,18 @@ def test_tiny_training_run_writes_top1(tmp_path):
     from allspark.config import load_config
     from allspark.training import train
 
+    # the demo's encoder (8 x 32 x 32 clips, 64 tubes) for 6 epochs of 13 steps: 1 epoch of 6 steps stays at chance
     cfg = load_config("video", overrides=[
         "model.llm.name=tiny", "model.llm.dtype=float32",
         "model.bridge={num_queries: 4, depth: 1, heads: 2, ff_mult: 2}",
-        "data.batch_size=36", "train.epochs=1", "train.lr=3e-3",
+        "data.batch_size=16", "train.epochs=6", "train.lr=1e-3",
     ])
     metrics = train(cfg, tmp_path / "run")
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["top1"] == pytest.approx(metrics["top1"]) and saved["num_samples"] == 36
     assert (tmp_path / "run" / "best" / "model.safetensors").is_file()
+    # The model recognises the four motions: top1 at least 0.5 on the 36 balanced test clips, twice the 0.25 of
+    # chance or any constant prediction (18 of 36 right is 3.5 standard deviations above guessing). Measured
+    # (seeds 0/1/2): 0.81/0.86/0.61; broken (train.lr=0): 0.28; the old 6-step run: 0.25.
+    assert majority_share(saved) == pytest.approx(0.25)
+    assert saved["top1"] >= 0.5, saved["top1"]
