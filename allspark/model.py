@@ -18,7 +18,6 @@ and the registries resolve them. A task with no encoder whose batch carries raw 
 """
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 from pathlib import Path
@@ -28,11 +27,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from allspark.auxiliary import AlignmentLoss, AuxiliaryLosses, build_auxiliary_losses
 from allspark.bridge import ModalBridge
 from allspark.config import Config, ConfigError, config_from_yaml_text, save_config, to_dict
 from allspark.io import atomic_dir
-from allspark.language import INPUT_KEY as TEXT_INPUT_KEY, TextCodec, run_text_llm
-from allspark.llm import LoadedLLM, load_llm
+from allspark.language import INPUT_KEY as TEXT_INPUT_KEY, TextCodec, run_text_llm, text_list
+from allspark.lm import PEFT_PREFIX, LanguageModel, cache_rows
+from allspark.llm import LoadedLLM, load_llm, prompt_token_ids
 from allspark.registry import ENCODERS, HEADS
 from allspark.types import LLMOutput, LMPrefix, Output, Tokens
 
@@ -47,7 +48,6 @@ CONFIG_NAME = "config.yaml"
 INFO_NAME = "data_info.json"
 #: the PEFT adapter folder inside a checkpoint of a LoRA model, and the key prefix of PeftModel.save_pretrained
 ADAPTER_DIR = "adapter"
-PEFT_PREFIX = "base_model.model."
 #: the folder of an export holding the package's own parts (encoders, bridge, head) and config
 EXPORT_PARTS_DIR = "allspark"
 
@@ -74,7 +74,9 @@ class AllSpark(nn.Module):
             if not isinstance(getattr(enc, "out_dim", None), int):
                 raise TypeError(f"encoder {ecfg.type!r} must declare its output width as an int `out_dim`")
         self._llm = llm if llm is not None else load_llm(mcfg.llm)
-        self.llm = self._llm.module
+        #: the LLM's interface (embed, run, score, generate, adapters): what heads, evaluators and benchmarks use
+        self.language_model = LanguageModel(self._llm)
+        self.llm = self._llm.module  # registered here: the frozen LLM's and its adapters' parameters are ``llm.*``
         self.hidden_size = self._llm.hidden_size
         b = mcfg.bridge
         self.bridge = (
@@ -94,9 +96,9 @@ class AllSpark(nn.Module):
                 raise ConfigError(f"model.head.args.answer_template=prompts: {exc}") from None
         self.head = HEADS.build(
             {"type": mcfg.head.type, **head_args}, hidden_size=self.hidden_size,
-            optional={"info": self.info, "llm": self._llm},  # ``llm``: for heads that run text through it
+            optional={"info": self.info, "llm": self.language_model},  # ``llm``: for heads that run text through it
         )
-        self._build_alignment(mcfg.alignment)
+        self._build_auxiliary(mcfg)
         self.prompts = load_prompts(mcfg.prompts.set or cfg.modality, self.info)
         if mcfg.prompts.train_choice not in ("random", "first"):
             raise ConfigError(f"model.prompts.train_choice must be 'random' or 'first', got {mcfg.prompts.train_choice!r}")
@@ -105,7 +107,12 @@ class AllSpark(nn.Module):
         #: per prompt index: (model-state key, its embedding / key-value cache), see _prompt_state
         self._prompt_states: dict[int, tuple[Any, dict[str, Any]]] = {}
         tok = self._llm.tokenizer
-        ids = [tok(p, add_special_tokens=False)["input_ids"] for p in self.prompts]
+        if mcfg.prompts.chat_template and not len(self.encoders):
+            raise ConfigError("model.prompts.chat_template: true applies to tasks with an encoder ([prompt | bridge "
+                              "tokens]); this task has no encoder, its input is text joined to the prompt, which the "
+                              "chat template would leave outside the user's message. Set it false for this task")
+        # each prompt as it is, or as the user's message of the tokenizer's chat template (model.prompts.chat_template)
+        ids = [prompt_token_ids(tok, p, mcfg.prompts.chat_template) for p in self.prompts]
         width = max(len(i) for i in ids)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         # The prompt sets are tokenised once; rows pick one by index.
@@ -136,36 +143,19 @@ class AllSpark(nn.Module):
                 p.requires_grad_(False)
                 self._held.add(name)
 
-    def _build_alignment(self, acfg) -> None:
-        """Per-encoder projections to a common width and the correlation objective (if configured)."""
-        self.alignment = None
-        self.alignment_proj = None
-        if not acfg.objective:
-            return
-        if len(self.encoders) < 2:
-            raise ConfigError(
-                f"model.alignment.objective={acfg.objective!r} needs at least two encoders to correlate; "
-                f"this config has {len(self.encoders)}"
-            )
-        if acfg.dim < 1:
-            raise ConfigError(f"model.alignment.dim must be >= 1, got {acfg.dim}")
-        if acfg.level not in ("encoders", "bridge"):
-            raise ConfigError(f"model.alignment.level must be 'encoders' or 'bridge', got {acfg.level!r}")
-        if acfg.task_weight < 0 or (acfg.task_weight == 0 and acfg.weight <= 0):
-            raise ConfigError(
-                f"model.alignment.task_weight must be >= 0, and an alignment-only stage (task_weight=0) needs "
-                f"weight > 0; got task_weight={acfg.task_weight}, weight={acfg.weight}"
-            )
-        from allspark.objectives import build_objective
-
-        self.alignment = build_objective({"type": acfg.objective, **acfg.args})
-        widths = [e.out_dim if acfg.level == "encoders" else self.hidden_size for e in self.encoders]
-        self.alignment_proj = nn.ModuleList(nn.Linear(w, acfg.dim) for w in widths)
+    def _build_auxiliary(self, mcfg) -> None:
+        """The configured auxiliary losses (``model.alignment``: see :mod:`allspark.auxiliary`), their modules
+        registered here under the names they give (``alignment``, ``alignment_proj``: stable checkpoint names)."""
+        self.auxiliary: AuxiliaryLosses = build_auxiliary_losses(mcfg, self)
+        for name, module in self.auxiliary.parts().items():
+            self.add_module(name, module)
+        for name in ("alignment", "alignment_proj"):  # the alignment objective and its projections, or None
+            if name not in self._modules:
+                setattr(self, name, None)
 
     def _bridge_output_scale(self, setting: float | str) -> float:
         if setting == "embedding":
-            weight = self._llm.embed_tokens.weight
-            return float(weight.detach().float().pow(2).mean().sqrt())
+            return self.language_model.embedding_rms()
         if isinstance(setting, str):
             raise ConfigError(f"model.bridge.output_scale must be a number or 'embedding', got {setting!r}")
         return float(setting)
@@ -177,7 +167,7 @@ class AllSpark(nn.Module):
 
     @property
     def tokenizer(self):
-        return self._llm.tokenizer
+        return self.language_model.tokenizer
 
     @property
     def num_modality_tokens(self) -> int:
@@ -200,22 +190,18 @@ class AllSpark(nn.Module):
         states ``kv`` (per layer, [1, heads, L, head_dim]) and length ``length``. Rebuilt whenever any language
         model parameter's storage or version counter (bumped by every in-place update: optimizer steps, loads)
         or the autocast / inference mode changes."""
-        device = self.prompt_ids.device
+        device, lm = self.prompt_ids.device, self.language_model
         key = (device, torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type),
-               torch.is_inference_mode_enabled(),
-               tuple((p.data_ptr(), p._version) for p in self._llm.model.parameters()))
+               torch.is_inference_mode_enabled(), lm.state_key())
         held = self._prompt_states.get(k)
         if held is None or held[0] != key:
-            held = (key, {"emb": self._llm.embed_tokens(self.prompt_ids[k: k + 1])})
+            held = (key, {"emb": lm.embed(self.prompt_ids[k: k + 1])})
             self._prompt_states[k] = held
         state = held[1]
         if with_cache and "kv" not in state:
             length = int(self.prompt_lengths[k])
-            out = self._llm.decoder(
-                inputs_embeds=state["emb"][:, :length],
-                attention_mask=torch.ones(1, length, dtype=torch.long, device=device),
-                position_ids=torch.arange(length, device=device)[None], use_cache=True)
-            cache = getattr(out, "cache", None) or out.past_key_values
+            cache = lm.run(state["emb"][:, :length], torch.ones(1, length, dtype=torch.long, device=device),
+                           position_ids=torch.arange(length, device=device)[None], use_cache=True).cache
             state["kv"] = [(layer.keys, layer.values) for layer in cache.layers]
             state["length"] = length
         return state
@@ -228,33 +214,24 @@ class AllSpark(nn.Module):
         pads masked, positions over real tokens; checked in tests/test_sequence.py) at K * P + B * N token
         positions instead of B * (P + N): the prompts are most of the sequence (e.g. ~25 prompt tokens to 8 bridge
         tokens). ``hidden`` covers the bridge positions only, as in :meth:`_run_cached`."""
-        from transformers import DynamicCache
-
-        device = modality.device
+        device, lm = modality.device, self.language_model
         unique, inverse = torch.unique(prompt_index, return_inverse=True)
         lengths = self.prompt_lengths[unique]
         width = int(lengths.max())
         steps = torch.arange(width, device=device)
         p_mask = steps[None, :] < lengths[:, None]  # [K, width]
-        decoder = self._llm.decoder
-        out = decoder(inputs_embeds=self._llm.embed_tokens(self.prompt_ids[unique, :width]),
-                      attention_mask=p_mask.long(), position_ids=steps[None].expand(len(unique), -1), use_cache=True)
-        cache = getattr(out, "cache", None) or out.past_key_values
+        p_emb = lm.embed(self.prompt_ids[unique, :width])
+        out = lm.run(p_emb, p_mask, position_ids=steps[None].expand(len(unique), -1), use_cache=True)
+        dtype = out.hidden.dtype
         b, n = modality.shape[:2]
-        rows = DynamicCache(ddp_cache_data=[(layer.keys[inverse], layer.values[inverse]) for layer in cache.layers])
-        cache_arg = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+        rows = cache_rows(out.cache, inverse)
         mask = torch.cat([p_mask[inverse], torch.ones(b, n, dtype=torch.bool, device=device)], dim=1)
-        hidden = decoder(
-            inputs_embeds=modality.to(out.last_hidden_state.dtype), attention_mask=mask.long(),
-            position_ids=lengths[inverse][:, None] + torch.arange(n, device=device)[None], use_cache=True,
-            **{cache_arg: rows},
-        ).last_hidden_state
+        positions = lengths[inverse][:, None] + torch.arange(n, device=device)[None]
+        hidden = lm.run(modality.to(dtype), mask, position_ids=positions, cache=rows, use_cache=True).hidden
         prefix = None
         if keep_prefix:  # ``rows`` now holds the keys/values of [prompt | pad | s_i]
-            embeds = torch.cat([self._llm.embed_tokens(self.prompt_ids[unique, :width])[inverse],
-                                modality.to(out.last_hidden_state.dtype)], dim=1)
-            positions = torch.cat([steps[None].expand(b, -1), lengths[inverse][:, None] + torch.arange(n, device=device)],
-                                  dim=1)
+            embeds = torch.cat([p_emb[inverse], modality.to(dtype)], dim=1)
+            positions = torch.cat([steps[None].expand(b, -1), positions], dim=1)
             prefix = LMPrefix(embeds, mask, positions, torch.full((b,), width + n - 1, device=device),
                               lengths[inverse] + n, rows)
         return LLMOutput(hidden, torch.ones(b, n, dtype=torch.bool, device=device),
@@ -270,14 +247,11 @@ class AllSpark(nn.Module):
         length, device = state["length"], modality.device
         cache = DynamicCache(ddp_cache_data=[(key.expand(b, -1, -1, -1), value.expand(b, -1, -1, -1))
                                              for key, value in state["kv"]])
-        decoder = self._llm.decoder
-        cache_arg = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
-        hidden = decoder(
-            inputs_embeds=modality.to(state["emb"].dtype),
-            attention_mask=torch.ones(b, length + n, dtype=torch.long, device=device),
-            position_ids=torch.arange(length, length + n, device=device)[None].expand(b, -1),
-            use_cache=True, **{cache_arg: cache},
-        ).last_hidden_state
+        hidden = self.language_model.run(
+            modality.to(state["emb"].dtype), torch.ones(b, length + n, dtype=torch.long, device=device),
+            position_ids=torch.arange(length, length + n, device=device)[None].expand(b, -1), cache=cache,
+            use_cache=True,
+        ).hidden
         mask = torch.ones(b, n, dtype=torch.bool, device=device)
         prefix = None
         if keep_prefix:  # ``cache`` now holds the keys/values of [prompt | s_i]
@@ -304,29 +278,23 @@ class AllSpark(nn.Module):
         """Modality data (or already computed token sets) -> bridge tokens ``s_i`` [B, N, D]."""
         return self.bridge(self.encode_tokens(batch) if token_sets is None else token_sets)
 
-    @staticmethod
-    def _only(token_sets: list[Tokens], i: int) -> list[Tokens]:
-        """The token sets with every set but the ``i``-th masked out (a bridge pass that sees one modality)."""
-        return [ts if j == i else Tokens(ts.tokens, torch.zeros_like(ts.mask)) for j, ts in enumerate(token_sets)]
+    def _alignment_loss(self, what: str) -> AlignmentLoss:
+        if "alignment" not in self.auxiliary:
+            raise ValueError(f"{what} needs model.alignment.objective to be set")
+        return self.auxiliary["alignment"]
 
     def pooled_features(self, token_sets: list[Tokens]) -> list[torch.Tensor]:
-        """Per modality, projected to ``model.alignment.dim`` -> [B, dim]: the masked mean of its encoder's tokens
-        (``model.alignment.level: encoders``), or the mean bridge token of a bridge pass that sees that modality
-        alone (``bridge``: the objective then also trains the bridge to keep what the modalities share)."""
-        if self.alignment_proj is None:
-            raise ValueError("pooled_features needs model.alignment.objective to be set")
-        if self.cfg.model.alignment.level == "bridge":
-            return [proj(self.bridge(self._only(token_sets, i)).mean(dim=1).float())
-                    for i, proj in enumerate(self.alignment_proj)]
-        return [proj(tokens.mean().float()) for tokens, proj in zip(token_sets, self.alignment_proj)]
+        """The alignment term's per-modality features [B, dim] (:meth:`allspark.auxiliary.AlignmentLoss.features`)."""
+        return self._alignment_loss("pooled_features").features(self, token_sets)
 
     def alignment_score(self, token_sets: list[Tokens], features: list[torch.Tensor] | None = None
                         ) -> torch.Tensor | None:
-        """The objective's correlation score over all encoder pairs (None for a batch of one sample,
+        """The alignment objective's correlation score over all encoder pairs (None for a batch of one sample,
         where no (co)variance can be estimated). ``features``: :meth:`pooled_features`, if already computed."""
+        loss = self._alignment_loss("alignment_score")
         if token_sets[0].tokens.shape[0] < 2:
             return None
-        return self.alignment(*(self.pooled_features(token_sets) if features is None else features))
+        return loss.score(loss.features(self, token_sets) if features is None else features)
 
     def build_sequence(
         self, modality: torch.Tensor | None, batch_size: int, prompt_index: torch.Tensor | None = None
@@ -347,7 +315,7 @@ class AllSpark(nn.Module):
         if uniform is not None:  # evaluation: the one prompt's embedding, built once per model state
             prompt_emb = self._prompt_state(uniform, with_cache=False)["emb"].expand(batch_size, -1, -1)
         else:
-            prompt_emb = self._llm.embed_tokens(ids)
+            prompt_emb = self.language_model.embed(ids)
         n = 0 if modality is None else modality.shape[1]
         p_mask = torch.arange(ids.shape[1], device=device)[None, :] < lengths[:, None]
         if modality is None:
@@ -366,7 +334,7 @@ class AllSpark(nn.Module):
     def run_llm(self, batch: dict[str, Any], token_sets: list[Tokens] | None = None) -> LLMOutput:
         if self.text_codec is not None and TEXT_INPUT_KEY in batch:
             # No encoder, the input is language: [prompt | input | target] (see allspark.language).
-            return run_text_llm(self, batch)
+            return run_text_llm(self.language_model, self.text_codec, self.text_prompts(batch), batch)
         batch_size = _batch_size(batch)
         modality = self.encode(batch, token_sets) if self.bridge is not None else None
         prompt_index = batch.get("prompt_index")
@@ -382,43 +350,36 @@ class AllSpark(nn.Module):
                     prompt_index = self.choose_prompts(batch_size, modality.device)
                 return self._run_shared_prompts(modality, prompt_index, keep_prefix)
         x, mask, last, positions, start = self._build(modality, batch_size, prompt_index)
-        extra = {} if positions is None else {"position_ids": positions}
         # no key/value cache unless the head continues the sequence (and none with gradient checkpointing in
         # training, which re-runs the layers without one: the head then runs full forwards over [x | its tokens])
         cache = keep_prefix and not (self.training and self.cfg.model.llm.gradient_checkpointing)
-        out = self._llm.decoder(inputs_embeds=x, attention_mask=mask.long(), use_cache=cache, **extra)
+        out = self.language_model.run(x, mask, position_ids=positions, use_cache=cache)
         prefix = None
         if keep_prefix:
             if positions is None:
                 positions = torch.arange(x.shape[1], device=x.device)[None].expand(batch_size, -1)
             prefix = LMPrefix(x, mask, positions, last, positions.gather(1, last[:, None])[:, 0] + 1,
-                              (getattr(out, "cache", None) or out.past_key_values) if cache else None)
-        return LLMOutput(out.last_hidden_state, mask, last, self.num_modality_tokens, modality_input=modality,
+                              out.cache if cache else None)
+        return LLMOutput(out.hidden, mask, last, self.num_modality_tokens, modality_input=modality,
                          modality_start=start, prefix=prefix)
 
+    def text_prompts(self, batch: dict[str, Any]) -> list[list[int]]:
+        """Each row's prompt token ids for a text-input batch: the prompts ``batch["prompt_index"]`` names, else
+        :meth:`choose_prompts`' (see :func:`allspark.language.prefix_rows`)."""
+        prompt_index = batch.get("prompt_index")
+        if prompt_index is None:
+            prompt_index = self.choose_prompts(len(text_list(batch, TEXT_INPUT_KEY)), self.prompt_ids.device)
+        return [self.prompt_ids[i, : self.prompt_lengths[i]].tolist() for i in prompt_index.tolist()]
+
     def forward(self, batch: dict[str, Any]) -> Output:
-        if self.alignment is None or not self.training:
-            # The objective's score only enters the training loss (and its log): evaluation skips it.
+        """encode -> (auxiliary losses, training only) -> language model -> head -> the weighted sum of the losses.
+        With a task weight of 0 (an auxiliary-only stage) training batches skip the language model and the head."""
+        if not (self.training and self.auxiliary):
             return self.head(self.run_llm(batch), batch)
-        acfg = self.cfg.model.alignment
         token_sets = self.encode_tokens(batch)
-        features = self.pooled_features(token_sets)
-        if acfg.task_weight == 0:
-            # Alignment-only training: the encoders (and the bridge at level ``bridge``) and the projections
-            # learn the objective alone.
-            score = self.alignment_score(token_sets, features)
-            if score is None:  # a batch of one sample: nothing to correlate, a zero loss kept in the graph
-                return Output(torch.cat(features, dim=-1).sum() * 0.0)
-            return Output(-acfg.weight * score, extras={"alignment": score.detach()})
-        out = self.head(self.run_llm(batch, token_sets), batch)
-        score = self.alignment_score(token_sets, features)
-        if score is not None:
-            # Minimising ``task_weight * loss - weight * score`` maximises the correlation of the modalities' features.
-            out.extras["alignment"] = score.detach()
-            if out.loss is not None:
-                out.extras["task_loss"] = out.loss.detach()
-                out.loss = acfg.task_weight * out.loss - acfg.weight * score
-        return out
+        terms = self.auxiliary.terms(self, batch, token_sets)
+        out = self.head(self.run_llm(batch, token_sets), batch) if self.auxiliary.task_weight != 0 else None
+        return self.auxiliary.combine(out, terms)
 
     @torch.no_grad()
     def predict(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -435,8 +396,10 @@ class AllSpark(nn.Module):
         """Free-form answers: the language model continues each sample's sequence with text, through
         transformers' ``generate`` on ``inputs_embeds``. The user's ``prompts`` (one for all rows or one per row)
         take the place of the task prompt: ``[prompt | bridge tokens]`` (``prompt_first``) or ``[bridge tokens |
-        prompt]`` (``modality_first``), rows left-padded; greedy unless ``do_sample`` (then ``temperature`` and
-        ``top_p``; seed torch for repeatable samples). Returns the decoded answers (special tokens dropped).
+        prompt]`` (``modality_first``), rows left-padded; each prompt wrapped in the tokenizer's chat template when
+        ``model.prompts.chat_template`` is on, as the task prompts are; greedy unless ``do_sample`` (then
+        ``temperature`` and ``top_p``; seed torch for repeatable samples). Returns the decoded answers (special
+        tokens dropped).
 
         What the answer is worth depends on training: a task trained with a linear head never asked the LLM
         for words; one trained with the ``verbalizer`` head answers with its class names."""
@@ -454,12 +417,13 @@ class AllSpark(nn.Module):
         self.eval()
         try:
             modality = self.encode(batch)  # [B, N, D]
-            tok = self._llm.tokenizer
-            embed = self._llm.embed_tokens
-            dtype, device = embed.weight.dtype, embed.weight.device
+            lm = self.language_model
+            tok, embed = lm.tokenizer, lm.embed
+            dtype, device = lm.embedding_dtype, lm.device
             rows = []
             for i, q in enumerate(prompts):
-                ids = torch.tensor(tok(q, add_special_tokens=False)["input_ids"], dtype=torch.long, device=device)
+                ids = torch.tensor(prompt_token_ids(tok, q, self.cfg.model.prompts.chat_template), dtype=torch.long,
+                                   device=device)
                 parts = [embed(ids), modality[i].to(dtype)]
                 rows.append(torch.cat(parts if self.cfg.model.sequence == "prompt_first" else parts[::-1], dim=0))
             width = max(r.shape[0] for r in rows)
@@ -471,8 +435,8 @@ class AllSpark(nn.Module):
             pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
             sampling = {"do_sample": True, "temperature": float(temperature), "top_p": float(top_p)} if do_sample \
                 else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-            out = self._llm.model.generate(inputs_embeds=x, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                           pad_token_id=pad, eos_token_id=tok.eos_token_id, **sampling)
+            out = lm.generate(x, mask, max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=tok.eos_token_id,
+                              **sampling)
             return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
         finally:
             self.train(was_training)
@@ -560,74 +524,116 @@ class AllSpark(nn.Module):
         """The LoRA adapter as PEFT saves it: its ``LoraConfig`` and its weights under the names of
         ``PeftModel.save_pretrained`` (``base_model.model.<module>.lora_A.weight``), taken from ``state``
         (default: :meth:`trainable_state_dict`); None for other adapters."""
-        if self._llm.adapter != "lora":
+        if self.language_model.adapter != "lora":
             return None
-        import copy
-
-        from peft import get_peft_model_state_dict
-
         state = self.trainable_state_dict() if state is None else state
-        hf = self._llm.model
         prefix = "llm.model."
         llm_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        weights = {PEFT_PREFIX + k: v.detach().contiguous().cpu()
-                   for k, v in get_peft_model_state_dict(hf, state_dict=llm_state).items()}
-        if len(weights) != len(llm_state):
-            raise ValueError(f"the LLM's trainable tensors {sorted(llm_state)[:4]} are not all LoRA weights")
-        peft_config = copy.deepcopy(hf.peft_config["default"])
-        peft_config.base_model_name_or_path = self.cfg.model.llm.name
-        peft_config.task_type = "CAUSAL_LM"
-        peft_config.inference_mode = True
-        return peft_config, weights
+        return self.language_model.peft_adapter(llm_state, self.cfg.model.llm.name)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, *, trust_remote_code: bool = False, allow_download: bool = False,
-                        **overrides: Any) -> "AllSpark":
+                        revision: str | None = None, **overrides: Any) -> "AllSpark":
         """Rebuild from ``save_pretrained`` output: the frozen LLM and backbones come from where the
         config says; the trainable parts from the safetensors file (no pickle).
 
+        ``directory``: a local folder (written by ``save_pretrained``, or by ``allspark export``: its ``allspark/``
+        parts then load on the exported LLM beside them), or a Hugging Face Hub model id ``namespace/name`` or
+        ``namespace/name@revision`` (``revision=`` says the same) of a repository holding either, downloaded with
+        ``huggingface_hub.snapshot_download`` because the caller named it, and only when no local path has that
+        name (:func:`allspark.hub.resolve_pretrained`; a failed download is one :class:`allspark.hub.HubError`).
+
+        ``overrides``: dotted config keys applied to the saved config before the model is built, e.g.
+        ``AllSpark.from_pretrained(ckpt, **{"model.llm.name": "/models/llm", "model.llm.dtype": "float32"})`` (the
+        LLM folder has moved; another dtype). An unknown key is a :class:`ConfigError`, and so is an override that
+        changes the shape of a trained part (its weights no longer load).
+
         A checkpoint is data, not a permission: its saved ``model.llm.trust_remote_code`` is ignored (the LLM
-        loads with the caller's ``trust_remote_code``, off unless asked for), and a Hugging Face hub id as its
-        ``model.llm.name`` (which loading may download) is refused unless the caller passes ``allow_download``."""
+        loads with the caller's ``trust_remote_code``, off unless asked for; an override cannot set it either), and
+        a Hugging Face hub id as its ``model.llm.name`` (which loading may download) is refused unless the caller
+        passes ``allow_download``. A hub id the caller names as an override (``model.llm.name``) is the caller's
+        own choice and loads."""
+        from allspark.config import apply_overrides, from_dict
         from allspark.errors import UserError, UserFileNotFoundError
+        from allspark.hub import resolve_pretrained
         from allspark.llm import llm_source
 
-        directory = Path(directory)
+        if _overrides_set(overrides, "model.llm.trust_remote_code"):
+            raise ConfigError("from_pretrained: model.llm.trust_remote_code cannot be given as an override; pass "
+                              "trust_remote_code=True (evaluate.py --trust-remote-code) to let the LLM run its code")
+        folder, hub_id = resolve_pretrained(directory, revision=revision)
+        export_root = None  # an ``allspark export`` folder: the merged LLM, its parts under allspark/
+        if not (folder / CONFIG_NAME).is_file() and (folder / EXPORT_PARTS_DIR / CONFIG_NAME).is_file():
+            export_root, folder = folder, folder / EXPORT_PARTS_DIR
+        elif folder.name == EXPORT_PARTS_DIR and (folder.parent / "config.json").is_file():
+            export_root = folder.parent
+        named = str(folder) if hub_id is None else f"{hub_id} (downloaded to {folder})"
         for name in (WEIGHTS_NAME, CONFIG_NAME, INFO_NAME):
-            if not (directory / name).is_file():
+            if not (folder / name).is_file():
                 raise UserFileNotFoundError(
-                    f"{directory} is not an AllSpark checkpoint: {name} is missing "
+                    f"{named} is not an AllSpark checkpoint: {name} is missing "
                     f"(expected {WEIGHTS_NAME}, {CONFIG_NAME}, {INFO_NAME})"
                 )
-        cfg = config_from_yaml_text((directory / CONFIG_NAME).read_text())
+        label = str(folder / CONFIG_NAME) if hub_id is None else f"{folder / CONFIG_NAME} (Hub checkpoint {hub_id})"
+        cfg = config_from_yaml_text((folder / CONFIG_NAME).read_text())
+        if overrides:
+            cfg = from_dict(Config, apply_overrides(to_dict(cfg), dict(overrides)))
         llm = cfg.model.llm
+        caller_named_llm = _overrides_set(overrides, "model.llm.name")
+        llm_label = "from_pretrained override" if caller_named_llm else label  # who named the LLM
+        if not caller_named_llm and export_root is not None and not Path(llm.name).expanduser().is_dir():
+            # an export's config names the folder it was written to; moved or downloaded, the LLM is beside it
+            logger.info("%s: model.llm.name %s is not here; loading the exported LLM at %s", label, llm.name,
+                        export_root)
+            llm.name = str(export_root.resolve())
         if llm.trust_remote_code and not trust_remote_code:
             logger.warning("%s sets model.llm.trust_remote_code: true; loading with it off (a checkpoint cannot "
-                           "grant it: pass trust_remote_code=True, evaluate.py --trust-remote-code)",
-                           directory / CONFIG_NAME)
+                           "grant it: pass trust_remote_code=True, evaluate.py --trust-remote-code)", label)
         llm.trust_remote_code = bool(trust_remote_code)
         try:
             source = llm_source(llm.name)
         except UserError as exc:  # e.g. the checkpoint's LLM folder has moved: say which config names it
-            raise type(exc)(f"{directory / CONFIG_NAME}: {exc}") from None
-        if source == "hub" and not allow_download:
+            raise type(exc)(f"{llm_label}: {exc}") from None
+        if source == "hub" and not allow_download and not caller_named_llm:
             raise UserError(
-                f"{directory / CONFIG_NAME}: model.llm.name is {llm.name!r}, a Hugging Face hub id, which loading "
+                f"{label}: model.llm.name is {llm.name!r}, a Hugging Face hub id, which loading "
                 "may download (and run); a checkpoint's config cannot ask for that. Pass allow_download=True "
                 "(evaluate.py --allow-download) to allow it, or copy the checkpoint and set model.llm.name in its "
-                "config.yaml to a local model folder"
+                "config.yaml to a local model folder (or pass it as an override, model.llm.name)"
             )
-        info = json.loads((directory / INFO_NAME).read_text())
+        info = json.loads((folder / INFO_NAME).read_text())
         model = cls(cfg, info)
-        model.load_trainable_state_dict(load_file(str(directory / WEIGHTS_NAME)))
+        try:
+            model.load_trainable_state_dict(load_file(str(folder / WEIGHTS_NAME)))
+        except ValueError as exc:
+            if not overrides:
+                raise
+            raise ConfigError(f"{named}: with the overrides {sorted(overrides)}, {exc}") from None
         return model
 
     def merged_llm(self):
         """The language model with the adapters merged into its weights (for export)."""
-        return self._llm.merge_adapters()
+        return self.language_model.merge_adapters()
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+
+def _overrides_set(overrides: dict[str, Any], dotted: str) -> bool:
+    """Whether the dotted ``overrides`` set ``dotted``: as that key, or inside the mapping given to a section above
+    it (``{"model.llm": {"name": ...}}``)."""
+    for key, value in overrides.items():
+        if key == dotted:
+            return True
+        if dotted.startswith(key + ".") and isinstance(value, dict):
+            node: Any = value
+            for part in dotted[len(key) + 1:].split("."):
+                if not isinstance(node, dict) or part not in node:
+                    break
+                node = node[part]
+            else:
+                return True
+    return False
 
 
 def _is_param(module: nn.Module, name: str) -> bool:

@@ -938,7 +938,7 @@ def train_joint(jcfg: JointConfig, output_dir: str | Path, *, resume: str | Path
     from transformers import get_cosine_schedule_with_warmup
 
     from allspark.baselines import baseline_metrics, build_baselines
-    from allspark.data import EpochSampler, build_dataset, build_loader, resolve_data_root
+    from allspark.data import EpochSampler, build_dataset, build_loader, loader_options, resolve_data_root
     from allspark.distributed import make_accelerator
     from allspark.evaluation import build_evaluator, collect_predictions, write_metrics
     from allspark.precision import run_precision
@@ -985,6 +985,7 @@ def train_joint(jcfg: JointConfig, output_dir: str | Path, *, resume: str | Path
                 root = resolve_data_root(cfg)
             sets[name] = {split: build_dataset(cfg, split, root) for split in ("train", "val", "test")}
             infos[name] = sets[name]["train"].info()
+            loader_options(cfg.data)  # a bad data.num_workers / pin_memory / persistent_workers fails before any write
     model = MultiTaskAllSpark({**held_cfgs, **cfgs}, {**held_infos, **infos},
                               loss_weights={n: s.loss_weight for n, s in specs.items()},
                               shared_bridge=shared_bridge, bridge_width=bridge_width)
@@ -993,7 +994,8 @@ def train_joint(jcfg: JointConfig, output_dir: str | Path, *, resume: str | Path
 
         init = getattr(training, "init_from_data", None)
         for name in names if init is not None else ():
-            init(model.tasks[name], sets[name]["train"], cfgs[name].data.eval_batch_size)
+            init(model.tasks[name], sets[name]["train"], cfgs[name].data.eval_batch_size,  # one pass: no workers kept
+                 **{**loader_options(cfgs[name].data, accelerator.device), "persistent_workers": False})
     if start is not None:  # the checkpoint's tasks and the shared parts, held; this config's tasks train
         report = model.load_trainable_state_dict(load_file(str(start / WEIGHTS_NAME)), strict=False)
         if report.missing_tasks != names:
@@ -1018,11 +1020,10 @@ def train_joint(jcfg: JointConfig, output_dir: str | Path, *, resume: str | Path
     for name, cfg in cfgs.items():
         train_set = sets[name]["train"]
         sampler = train_set.train_sampler(cfg.data.batch_size, cfg.seed) or EpochSampler(len(train_set), seed=cfg.seed)
-        train_loaders.append(build_loader(train_set, cfg.data.batch_size, num_workers=cfg.data.num_workers,
-                                          sampler=sampler))
-        val_loaders.append(build_loader(sets[name]["val"], cfg.data.eval_batch_size, num_workers=cfg.data.num_workers))
-        test_loaders.append(build_loader(sets[name]["test"], cfg.data.eval_batch_size,
-                                         num_workers=cfg.data.num_workers))
+        loading = loader_options(cfg.data, accelerator.device)  # each task's data.num_workers, pin_memory, ...
+        train_loaders.append(build_loader(train_set, cfg.data.batch_size, sampler=sampler, **loading))
+        val_loaders.append(build_loader(sets[name]["val"], cfg.data.eval_batch_size, **loading))
+        test_loaders.append(build_loader(sets[name]["test"], cfg.data.eval_batch_size, **loading))
     # learning-rate multipliers: the joint ones by joint names, each trained task's own under its prefix
     lr_scale = dict(tcfg.lr_scale)
     for name, cfg in cfgs.items():
@@ -1230,7 +1231,7 @@ def evaluate_joint(checkpoint: str | Path, *, tasks: Sequence[str] | None = None
     ``split``, with its baselines; writes ``OUT/metrics.json`` nested by task (``{"tasks": {name: metrics}}``),
     ``OUT/<task>/report.md`` with the task's figures, and ``OUT/report.md`` with a section per task."""
     from allspark.baselines import baseline_metrics, build_baselines
-    from allspark.data import build_dataset, build_loader, resolve_data_root
+    from allspark.data import build_dataset, build_loader, loader_options, resolve_data_root
     from allspark.distributed import make_accelerator
     from allspark.evaluation import baseline_table, build_evaluator, collect_predictions, write_metrics
     from allspark.precision import run_precision
@@ -1262,14 +1263,14 @@ def evaluate_joint(checkpoint: str | Path, *, tasks: Sequence[str] | None = None
             evaluator = build_evaluator(cfg, part.info)
             baselines = build_baselines(cfg, part.info, evaluator)
         routed = _Routed(prepared, name)
-        loader = accelerator.prepare(build_loader(dataset, cfg.data.eval_batch_size, num_workers=cfg.data.num_workers))
+        loading = loader_options(cfg.data, accelerator.device)  # the task's data.num_workers, pin_memory, ...
+        loader = accelerator.prepare(build_loader(dataset, cfg.data.eval_batch_size, **loading))
         gathered = {split: collect_predictions(routed, loader, accelerator, evaluator.pred_keys, evaluator.batch_keys,
                                                f"{split} {name}")}
         metrics = {"split": split, **evaluator.compute(gathered[split])}
         for extra in evaluator.extra_splits:
             gathered[extra], stats = evaluator.predict_extra(extra, routed, build_dataset(cfg, extra, root),
-                                                             accelerator, cfg.data.eval_batch_size,
-                                                             cfg.data.num_workers)
+                                                             accelerator, cfg.data.eval_batch_size, **loading)
             metrics.update(stats)
         metrics.update(evaluator.model_metrics(part, dataset, accelerator))
         if accelerator.is_main_process:

@@ -893,13 +893,14 @@ def _accelerator(device: str, mixed_precision: str, llm_dtype: str):
 
 
 def _open_checkpoint(checkpoint: str | Path) -> tuple[Path, Any, dict[str, Any]]:
-    """(the checkpoint folder, its config, its data info), or one clear error when it is not a checkpoint."""
+    """(the checkpoint folder, its config, its data info), or one clear error when it is not a checkpoint.
+    ``checkpoint``: a local folder, or a Hugging Face Hub id ``namespace/name[@revision]`` that no local path has
+    (downloaded: :func:`allspark.hub.resolve_pretrained`)."""
     from allspark.evaluate_run import resolve_checkpoint
+    from allspark.hub import resolve_pretrained
     from allspark.model import CONFIG_NAME, INFO_NAME, WEIGHTS_NAME
 
-    checkpoint = Path(checkpoint).expanduser()
-    if not checkpoint.exists():
-        raise UserFileNotFoundError(f"checkpoint {checkpoint} does not exist")
+    checkpoint, _ = resolve_pretrained(checkpoint)  # a missing local path: "checkpoint ... does not exist"
     ckpt = resolve_checkpoint(checkpoint)
     for name in (WEIGHTS_NAME, CONFIG_NAME, INFO_NAME):
         if not (ckpt / name).is_file():

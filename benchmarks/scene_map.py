@@ -93,7 +93,7 @@ def measure(name: str, sequence: str, dtype: str, mixed: str, rows: int, args) -
     gathered, stats = evaluator.predict_scene(model, part, accelerator, batch_size)
     rate = stats["scene_pixels_per_second"]
     return {
-        "setting": name, "sequence": sequence, "llm_dtype": model._llm.dtype if hasattr(model, "_llm") else dtype,
+        "setting": name, "sequence": sequence, "llm_dtype": getattr(getattr(model, "language_model", None), "dtype", dtype),
         "mixed_precision": accelerator.mixed_precision, "llm": cfg.model.llm.name, "batch_size": batch_size,
         "tile_rows": args.tile_rows, "pixels": stats["scene_pixels"], "seconds": stats["scene_seconds"],
         "pixels_per_second": rate, "pavia_projected_seconds": PAVIA_PIXELS / rate,

@@ -3,7 +3,7 @@
 
 Each query is a function's prefix ``[prompt | sep | code | sep]``; its candidates are the docstrings of a
 pool. ``prefix reuse`` runs the prefixes once with their key/value cache and only the candidate tokens per
-candidate (:func:`allspark.language.score_continuations`); ``full forward`` runs ``prefix + candidate`` for
+candidate (:meth:`allspark.lm.LanguageModel.score_continuations`); ``full forward`` runs ``prefix + candidate`` for
 every (query, candidate) row (batched in the same chunks); ``full forward, one row at a time`` is the naive
 loop (one forward per candidate). The scores of the variants are checked to agree. Data: the code demo's
 test split (standard-library functions). Numbers are printed and saved as JSON; not a pass/fail test.
@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from allspark.config import load_config  # noqa: E402
 from allspark.data import build_dataset  # noqa: E402
-from allspark.language import prefix_rows, score_continuations  # noqa: E402
+from allspark.language import prefix_rows  # noqa: E402
 from allspark.model import AllSpark  # noqa: E402
 
 
@@ -55,7 +55,7 @@ def main() -> None:
     prefixes, _ = prefix_rows(model, {"input_text": [it["input_text"] for it in items[: args.queries]],
                                       "prompt_index": torch.zeros(args.queries, dtype=torch.long)})
     cands = codec.encode_targets([it["target_text"] for it in items[: args.candidates]])
-    llm = model._llm
+    lm = model.language_model
     rows = args.queries * args.candidates
 
     def timed(fn):
@@ -68,13 +68,13 @@ def main() -> None:
         return best, value
 
     with torch.no_grad():
-        t_reuse, s_reuse = timed(lambda: score_continuations(llm, prefixes, cands, pad_id=codec.pad_id,
-                                                             chunk_size=args.chunk_size))
-        t_full, s_full = timed(lambda: score_continuations(llm, prefixes, cands, pad_id=codec.pad_id,
-                                                           chunk_size=args.chunk_size, reuse_prefix=False))
+        t_reuse, s_reuse = timed(lambda: lm.score_continuations(prefixes, cands, pad_id=codec.pad_id,
+                                                                chunk_size=args.chunk_size))
+        t_full, s_full = timed(lambda: lm.score_continuations(prefixes, cands, pad_id=codec.pad_id,
+                                                              chunk_size=args.chunk_size, reuse_prefix=False))
         naive_n = max(1, min(args.naive_rows // args.queries, args.candidates))  # candidates per query
-        t_naive, s_naive = timed(lambda: score_continuations(llm, prefixes, cands[:naive_n], pad_id=codec.pad_id,
-                                                             chunk_size=1, reuse_prefix=False))
+        t_naive, s_naive = timed(lambda: lm.score_continuations(prefixes, cands[:naive_n], pad_id=codec.pad_id,
+                                                                chunk_size=1, reuse_prefix=False))
         naive_n *= args.queries  # rows timed
     max_diff = float((s_reuse - s_full).abs().max())
     naive_diff = float((s_reuse[:, : naive_n // args.queries] - s_naive).abs().max())

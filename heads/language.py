@@ -1,8 +1,8 @@
 """The LLM's own decoder as task head (text, code: paper Section III-E, "1D" modalities).
 
 Training is teacher-forced language modelling of the target tokens only (the label word, the docstring, and
-the end-of-sequence token): the LLM's ``lm_head`` is applied at the positions that predict target tokens and
-nowhere else, never as full-vocabulary logits over the whole sequence.
+the end-of-sequence token): the LLM's LM head (``LanguageModel.logits``) is applied at the positions that predict
+target tokens and nowhere else, never as full-vocabulary logits over the whole sequence.
 
 With ``choices`` (by default the dataset's ``class_names``, e.g. ``["negative", "positive"]``) the head also
 classifies outside training: it scores each choice's log-likelihood after the row's prefix (one prefix pass,
@@ -55,7 +55,7 @@ class LanguageModelHead(nn.Module):
         if mask.any():
             rows = torch.arange(batch_size, device=mask.device)[:, None].expand_as(mask)[mask]
             hidden = llm_out.hidden[rows, llm_out.target_positions[mask]]  # [N target tokens, D]
-            logits = llm_out.lm_head(hidden).float()
+            logits = llm_out.language_model.logits(hidden).float()
             token_nll = F.cross_entropy(logits, llm_out.target_ids[mask], reduction="none")
             loss = token_nll.mean()
             count = mask.sum(1)

@@ -5,7 +5,7 @@ into the embedding space (``o_v5``), mapped by V2TMap (Eq. 18-19) and, in the se
 HFE (Eq. 20-24) from the encoder's multi-level maps (``batch["image_pyramid"]``, see encoders/image_pyramid.py).
 Captions are tokenised here with the LLM's own tokenizer (an end-of-sequence token appended, like CLIP's
 [EOS]), embedded with the LLM's input embeddings, run through the same language model (the model passes its
-``LoadedLLM`` to the head) and pooled (``mean`` over the caption tokens or the ``last`` one), then projected.
+``LanguageModel`` to the head) and pooled (``mean`` over the caption tokens or the ``last`` one), then projected.
 The loss is the symmetric InfoNCE of Eq. 25 with a learnable temperature, negatives gathered from every
 process (allspark/retrieval/losses.py).
 
@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from allspark.lm import LanguageModel
 from allspark.registry import HEADS
 from allspark.retrieval.losses import symmetric_info_nce
 from allspark.retrieval.modules import HFE, V2TMap
@@ -45,13 +46,14 @@ class ContrastiveRetrievalHead(nn.Module):
         super().__init__()
         if llm is None:
             raise ValueError("contrastive_retrieval: the head encodes captions with the model's language model; "
-                             "build it through AllSpark (which passes llm=) or pass a LoadedLLM")
+                             "build it through AllSpark (which passes llm=) or pass a LanguageModel or LoadedLLM")
         for name, mode in (("image_pooling", image_pooling), ("text_pooling", text_pooling)):
             if mode not in ("mean", "last"):
                 raise ValueError(f"contrastive_retrieval: {name} must be 'mean' or 'last', got {mode!r}")
         if temperature <= 0:
             raise ValueError(f"contrastive_retrieval: temperature must be > 0, got {temperature}")
-        self._llm = llm  # a LoadedLLM (not a module): its weights live under the model's ``llm``
+        #: not a module: the language model's weights live under the model's ``llm``
+        self.language_model = LanguageModel.of(llm)
         self.image_pooling, self.text_pooling = image_pooling, text_pooling
         self.max_caption_tokens = int(max_caption_tokens)
         self.text_grad = text_grad
@@ -92,9 +94,8 @@ class ContrastiveRetrievalHead(nn.Module):
         """Captions -> L2-normalised embeddings [n, E] through the model's language model."""
         if not texts or not all(isinstance(t, str) for t in texts):
             raise ValueError("contrastive_retrieval: captions must be a non-empty list of strings")
-        tok = self._llm.tokenizer
-        embed = self._llm.embed_tokens
-        device = embed.weight.device
+        lm = self.language_model
+        tok, device = lm.tokenizer, lm.device
         ids = tok(texts, add_special_tokens=False, truncation=True, max_length=self.max_caption_tokens - 1)["input_ids"]
         eos = tok.eos_token_id if tok.eos_token_id is not None else tok.pad_token_id
         ids = [list(x) + [eos] for x in ids]
@@ -104,13 +105,7 @@ class ContrastiveRetrievalHead(nn.Module):
         ids_t = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device=device)
         mask = torch.arange(width, device=device)[None, :] < lengths[:, None]
         with torch.set_grad_enabled(self.text_grad and torch.is_grad_enabled()):
-            hidden = self._llm.decoder(inputs_embeds=embed(ids_t), attention_mask=mask.long()).last_hidden_state
-            hidden = hidden.float()
-            if self.text_pooling == "last":
-                pooled = hidden[torch.arange(len(ids), device=device), lengths - 1]
-            else:
-                m = mask.unsqueeze(-1).float()
-                pooled = (hidden * m).sum(1) / m.sum(1)
+            pooled = lm.pooled(ids_t, mask, self.text_pooling)
         return F.normalize(self.text_proj(pooled), dim=-1)
 
     # -- image ---------------------------------------------------------------------------------

@@ -81,7 +81,7 @@ from torch import nn
 
 from allspark.config import ConfigError
 from allspark.errors import UserError, UserFileNotFoundError
-from allspark.language import continuation_loglik
+from allspark.lm import LanguageModel
 from allspark.registry import HEADS
 from allspark.types import LLMOutput, Output
 
@@ -160,7 +160,9 @@ class VerbalizerHead(nn.Module):
         #: whole vocabulary, which the choice cross-entropy leaves free (it only compares the names)
         self.answer_weight = float(answer_weight)
         if llm is None:
-            raise TypeError("verbalizer head: needs the model's language model (llm=LoadedLLM; AllSpark passes it)")
+            raise TypeError("verbalizer head: needs the model's language model (llm=LanguageModel or LoadedLLM; "
+                            "AllSpark passes it)")
+        llm = LanguageModel.of(llm)
         if length_norm not in LENGTH_NORMS:
             raise ConfigError(f"verbalizer head: length_norm must be one of {list(LENGTH_NORMS)}, got {length_norm!r}")
         if not isinstance(answer_prefix, str) or not isinstance(name_prefix, str):
@@ -170,7 +172,8 @@ class VerbalizerHead(nn.Module):
             raise ConfigError(f"verbalizer head: chunk_rows must be a whole number >= 1, got {chunk_rows!r}")
         if append_eos and llm.tokenizer.eos_token_id is None:
             raise ConfigError("verbalizer head: append_eos is on but the tokenizer has no end-of-sequence token")
-        self._llm = llm  # a plain attribute: the language model is registered (once) by the model, not the head
+        #: a plain attribute: the language model's parameters are registered (once) by the model, not the head
+        self.language_model = llm
         self.answer_prefix = answer_prefix
         self.name_prefix = name_prefix
         self.underscores_as_spaces = bool(underscores_as_spaces)
@@ -230,7 +233,7 @@ class VerbalizerHead(nn.Module):
                 raise ConfigError(f"verbalizer head: {where}: class names {names[seen[text]]!r} (position "
                                   f"{seen[text]}) and {names[i]!r} (position {i}) are the same answer {text.strip()!r}")
             seen[text] = i
-        tok = self._llm.tokenizer
+        tok = self.language_model.tokenizer
         eos = [tok.eos_token_id] if self.append_eos else []
         ids = [list(x) + eos for x in tok(texts, add_special_tokens=False)["input_ids"]]
         if len({tuple(x) for x in ids}) != len(ids):  # e.g. names that differ only where the tokenizer ignores it
@@ -281,8 +284,9 @@ class VerbalizerHead(nn.Module):
                 "verbalizer head: the LLM output carries no prefix to continue (LLMOutput.prefix); it is set by "
                 "AllSpark.run_llm for a head with needs_prefix_cache, on the modality (bridge) path only, not the "
                 "text-input path")
-        return continuation_loglik(self._llm, llm_out.prefix, llm_out.pool("last"), self.choice_ids,
-                                   lead=self.lead_ids, reuse_prefix=self.reuse_prefix, chunk_rows=self.chunk_rows)
+        return self.language_model.continuation_loglik(llm_out.prefix, llm_out.pool("last"), self.choice_ids,
+                                                       lead=self.lead_ids, reuse_prefix=self.reuse_prefix,
+                                                       chunk_rows=self.chunk_rows)
 
     def forward(self, llm_out: LLMOutput, batch: dict[str, Any]) -> Output:
         loglik = self.score(llm_out)

@@ -575,8 +575,8 @@ def test_a_joint_run_killed_mid_run_resumes_to_bit_identical_weights(bridge, tmp
     steps = {"full": [], "cut": []}
     inits = []  # data-dependent starts: once per task of a fresh run, never on resume (the weights are loaded)
     real_init = training.init_from_data
-    monkeypatch.setattr(training, "init_from_data", lambda model, *a: (inits.append(model.cfg.modality),
-                                                                      real_init(model, *a)))
+    monkeypatch.setattr(training, "init_from_data", lambda model, *a, **kw: (inits.append(model.cfg.modality),
+                                                                            real_init(model, *a, **kw)))
 
     def record(name, kill_at=None):
         def callback(state):

@@ -187,7 +187,7 @@ def test_unknown_llm_name_lists_the_known_ones(monkeypatch, tmp_path):
                             "'model.bridge'? Valid keys under 'model': encoders, bridge, llm, head, prompts, "
                             "alignment, text_input"),
     ("model.llm.adapterr.r=4", "unknown config key 'model.llm.adapterr.r': 'model.llm' has no key 'adapterr'; "
-                               "did you mean 'model.llm.adapter'?"),
+                               "did you mean 'model.llm.adapter', 'model.llm.adapter_dtype'?"),
     ("train.lrr=1", "unknown config key 'train.lrr'; did you mean 'train.lr'?"),
 ])
 def test_unknown_dotted_key_names_the_whole_key_and_the_closest_at_its_level(override, message):

@@ -12,7 +12,7 @@ confusion matrix and a histogram of the log-likelihood margins.
   (1000 in the paper; a last pool of fewer than two is dropped); within a pool every function's true
   docstring is ranked among the pool's docstrings; ties count against it. ``ranking: loglik`` ranks by the
   conditional log-likelihood log p(docstring | prompt, code) (pool x pool candidate scorings, batched with
-  the code's key/value cache reused: :func:`allspark.language.score_continuations`); ``ranking:
+  the code's key/value cache reused: :meth:`allspark.lm.LanguageModel.score_continuations`); ``ranking:
   embedding`` by the cosine of mean-pooled last hidden states of the code and of the docstring, each run
   alone through the same adapted LLM (2N forwards: the fast option for 1000-way pools). ``calibration: pmi``
   (default) ranks loglik by pointwise mutual information, log p(doc | prompt, code) - log p(doc | prompt, empty
@@ -67,13 +67,11 @@ class LanguageClassificationEvaluator(ClassificationEvaluator):
         """With ``compare_untrained``: ``top1_untrained``, the same label scoring with the adapters off."""
         if not self.compare_untrained:
             return {}
-        from allspark.language import adapters_off
-
         was_training = model.training
         model.eval()
         correct = total = 0
         try:
-            with adapters_off(model):
+            with model.language_model.adapters_off():
                 for s in range(0, len(dataset), self.batch_size):
                     batch = dataset.collate([dataset[i] for i in range(s, min(s + self.batch_size, len(dataset)))])
                     batch = {k: v.to(model.prompt_ids.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -179,9 +177,7 @@ class CodeDocumentationEvaluator(Evaluator):
             out = {"mrr_pool": self.mrr_pool, "mrr_pools": len(pools), "mrr_queries": sum(map(len, pools))}
             out.update(self._run(model, prefixes, codes, docs, pools, suffix=""))
             if self.compare_untrained:
-                from allspark.language import adapters_off
-
-                with adapters_off(model):
+                with model.language_model.adapters_off():
                     out.update(self._run(model, prefixes, codes, docs, pools, suffix="_untrained"))
             out["eval_seconds"] = round(time.perf_counter() - t0, 1)
             return out
@@ -189,17 +185,16 @@ class CodeDocumentationEvaluator(Evaluator):
             model.train(was_training)
 
     def _run(self, model, prefixes, codes, docs, pools, suffix: str) -> dict[str, Any]:
-        from allspark.language import greedy_generate, pooled_embeddings, score_continuations
         from allspark.metrics.language import code_documentation_metrics, mrr, ranks_of_true
 
-        codec, llm = model.text_codec, model._llm
+        codec, lm = model.text_codec, model.language_model
         targets = codec.encode_targets(docs)
         out: dict[str, Any] = {}
         # embedding ranking: always (cheap)
         code_ids, _ = codec.encode_inputs(codes)
         doc_ids = [t[:-1] if codec.cfg.append_eos and len(t) > 1 else t for t in targets]
-        code_emb = pooled_embeddings(llm, code_ids, pad_id=codec.pad_id, batch_size=self.batch_size * 4)
-        doc_emb = pooled_embeddings(llm, doc_ids, pad_id=codec.pad_id, batch_size=self.batch_size * 4)
+        code_emb = lm.pooled_embeddings(code_ids, pad_id=codec.pad_id, batch_size=self.batch_size * 4)
+        doc_emb = lm.pooled_embeddings(doc_ids, pad_id=codec.pad_id, batch_size=self.batch_size * 4)
         emb_ranks = np.concatenate([ranks_of_true((code_emb[p] @ doc_emb[p].T).cpu().numpy()) for p in pools])
         out[f"mrr_embedding{suffix}"] = mrr(emb_ranks)
         ranks = emb_ranks
@@ -216,11 +211,11 @@ class CodeDocumentationEvaluator(Evaluator):
                 rows = []
                 for s in range(0, len(pool), self.batch_size):
                     chunk = pool[s: s + self.batch_size]
-                    rows.append(score_continuations(llm, [prefixes[i] for i in chunk], cands, pad_id=codec.pad_id,
-                                                    chunk_size=self.chunk_size))
+                    rows.append(lm.score_continuations([prefixes[i] for i in chunk], cands, pad_id=codec.pad_id,
+                                                       chunk_size=self.chunk_size))
                 scores = torch.cat(rows).cpu()
-                prior = score_continuations(llm, [null_prefix], cands, pad_id=codec.pad_id,
-                                            chunk_size=self.chunk_size).cpu()
+                prior = lm.score_continuations([null_prefix], cands, pad_id=codec.pad_id,
+                                               chunk_size=self.chunk_size).cpu()
                 all_ranks.append(ranks_of_true(scores.numpy()))
                 pmi_ranks.append(ranks_of_true((scores - prior).numpy()))
             plain, pmi = np.concatenate(all_ranks), np.concatenate(pmi_ranks)
@@ -235,8 +230,8 @@ class CodeDocumentationEvaluator(Evaluator):
         if self.bleu:
             hyps = []
             for s in range(0, len(prefixes), self.batch_size):
-                gen = greedy_generate(llm, prefixes[s: s + self.batch_size], self.max_new_tokens, codec.eos_id,
-                                      codec.pad_id)
+                gen = lm.greedy_generate(prefixes[s: s + self.batch_size], self.max_new_tokens, codec.eos_id,
+                                         codec.pad_id)
                 hyps += [codec.decode(g) for g in gen]
         evaluated = [i for p in pools for i in p]
         metrics = code_documentation_metrics(
