@@ -5,28 +5,13 @@ from pathlib import Path
 from typing import Any
 
 from allspark.baselines import baseline_metrics, build_baselines
+from allspark.checkpoints import resolve_checkpoint
 from allspark.config import ConfigError, apply_overrides, from_dict, to_dict, Config
 from allspark.data import build_dataset, build_loader, loader_options, resolve_data_root
 from allspark.distributed import make_accelerator
-from allspark.errors import UserFileNotFoundError
 from allspark.evaluation import build_evaluator, collect_predictions, write_metrics
-from allspark.model import CONFIG_NAME, EXPORT_PARTS_DIR, AllSpark
+from allspark.model import AllSpark
 from allspark.precision import run_precision
-
-
-def resolve_checkpoint(path: Path) -> Path:
-    """A run folder (use its ``best/``), a ``save_pretrained`` folder or an ``allspark export`` folder (its
-    ``allspark/`` parts, which load on the exported LLM)."""
-    if (path / CONFIG_NAME).is_file() and (path / "model.safetensors").is_file():
-        return path
-    if (path / "best" / CONFIG_NAME).is_file():
-        return path / "best"
-    if (path / EXPORT_PARTS_DIR / CONFIG_NAME).is_file():
-        return path / EXPORT_PARTS_DIR
-    raise UserFileNotFoundError(
-        f"{path} holds no checkpoint: expected {path}/best/ (a train.py run folder) or model.safetensors + "
-        f"{CONFIG_NAME} (written by save_pretrained)"
-    )
 
 
 def evaluate_checkpoint(

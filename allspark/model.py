@@ -29,6 +29,8 @@ from torch import nn
 
 from allspark.auxiliary import AlignmentLoss, AuxiliaryLosses, build_auxiliary_losses
 from allspark.bridge import ModalBridge
+from allspark.checkpoints import (ADAPTER_DIR, CONFIG_NAME, EXPORT_PARTS_DIR, INFO_NAME, WEIGHTS_NAME,  # noqa: F401
+                                  _jsonable, resolve_checkpoint, write_info, write_peft_adapter)
 from allspark.config import Config, ConfigError, config_from_yaml_text, save_config, to_dict
 from allspark.io import atomic_dir
 from allspark.language import INPUT_KEY as TEXT_INPUT_KEY, TextCodec, run_text_llm, text_list
@@ -41,15 +43,10 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["AllSpark", "WEIGHTS_NAME", "CONFIG_NAME", "INFO_NAME", "ADAPTER_DIR", "export_checkpoint"]
 
-WEIGHTS_NAME = "model.safetensors"
 #: ``model.sequence``: the paper's [s_i | prompt] (default) or [prompt | s_i] (cacheable evaluation prompt)
 SEQUENCE_ORDERS = ("modality_first", "prompt_first")
-CONFIG_NAME = "config.yaml"
-INFO_NAME = "data_info.json"
-#: the PEFT adapter folder inside a checkpoint of a LoRA model, and the key prefix of PeftModel.save_pretrained
-ADAPTER_DIR = "adapter"
-#: the folder of an export holding the package's own parts (encoders, bridge, head) and config
-EXPORT_PARTS_DIR = "allspark"
+# the checkpoint names (WEIGHTS_NAME, CONFIG_NAME, INFO_NAME, ADAPTER_DIR, EXPORT_PARTS_DIR) live in
+# allspark.checkpoints and stay importable from here
 
 
 def _import_plugins() -> None:
@@ -492,16 +489,11 @@ class AllSpark(nn.Module):
         state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
         adapter = self.peft_adapter(state)
         with atomic_dir(directory) as tmp:
+            # save_file, not checkpoints.save_trainable_state: tests patch allspark.model.save_file
             save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "allspark": "1"})
             save_config(self.cfg, tmp / CONFIG_NAME)
-            (tmp / INFO_NAME).write_text(json.dumps(_jsonable(self.info), indent=2))
-            if adapter is not None:
-                from peft.utils import SAFETENSORS_WEIGHTS_NAME
-
-                peft_config, weights = adapter
-                (tmp / ADAPTER_DIR).mkdir()
-                peft_config.save_pretrained(str(tmp / ADAPTER_DIR))
-                save_file(weights, str(tmp / ADAPTER_DIR / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
+            write_info(tmp / INFO_NAME, self.info)
+            write_peft_adapter(tmp, adapter)
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
                     commit_message: str | None = None) -> str:
@@ -651,18 +643,6 @@ def _batch_size(batch: dict[str, Any]) -> int:
     raise ValueError("batch holds no tensor to take the batch size from")
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    return obj
-
-
 def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     """``python -m allspark export``: a checkpoint in standard formats, written atomically to a new folder ``out``.
 
@@ -682,7 +662,6 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
 
     from allspark.config import AdapterConfig, from_dict
     from allspark.errors import UserError, UserFileNotFoundError
-    from allspark.evaluate_run import resolve_checkpoint
     from allspark.llm import llm_source
 
     checkpoint = resolve_checkpoint(Path(checkpoint).expanduser())

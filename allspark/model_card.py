@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from allspark.checkpoints import ADAPTER_DIR, CONFIG_NAME, JOINT_CONFIG_NAME
 from allspark.config import Config
 from allspark.io import atomic_write_text
 
@@ -98,9 +99,9 @@ def _figure_lines(checkpoint: Path, figures: list[Path] | None) -> list[str]:
 
 
 def _adapter_lines(checkpoint: Path) -> list[str]:
-    if (checkpoint / "adapter" / "adapter_config.json").is_file():
+    if (checkpoint / ADAPTER_DIR / "adapter_config.json").is_file():
         return ["", "The LoRA adapter alone, in PEFT's format: "
-                f'`peft.PeftModel.from_pretrained(base_llm, "{checkpoint / "adapter"}")`.']
+                f'`peft.PeftModel.from_pretrained(base_llm, "{checkpoint / ADAPTER_DIR}")`.']
     return []
 
 
@@ -126,8 +127,6 @@ def model_card(checkpoint: Path, cfg: Config, info: dict[str, Any], metrics: dic
               f"`python -m allspark predict --checkpoint {checkpoint} --input PATH --out predictions.csv` runs it on "
               "unlabelled files; `python -m allspark export` writes the merged LLM as a transformers folder."]
     lines += _adapter_lines(checkpoint)
-    from allspark.model import CONFIG_NAME
-
     lines += _config_lines(checkpoint / CONFIG_NAME)
     return "\n".join(lines) + "\n"
 
@@ -185,8 +184,6 @@ def joint_model_card(checkpoint: Path, cfgs: dict[str, Config], infos: dict[str,
               "```", "", f"`python evaluate.py --checkpoint {checkpoint}` runs every task's protocol "
               "(`--modality NAME`: one task); a run with `--init-from` this folder adds tasks against its held parts."]
     lines += _adapter_lines(checkpoint)
-    from allspark.multitask import JOINT_CONFIG_NAME
-
     lines += _config_lines(checkpoint / JOINT_CONFIG_NAME)
     return "\n".join(lines) + "\n"
 

@@ -42,16 +42,20 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from allspark.bridge import ModalBridge, SharedBridgeEntry
+from allspark.checkpoints import (ADAPTER_DIR, BEST_DIR, CONFIG_NAME, INFO_NAME, JOINT_CONFIG_NAME, SHARED_NAME,
+                                  STATE_NAME, TASKS_DIR, WEIGHTS_NAME, _jsonable, is_joint_checkpoint,
+                                  load_trainable_state, resolve_joint_checkpoint, save_trainable_state, write_info,
+                                  write_peft_adapter)
 from allspark.config import (Config, ConfigError, apply_overrides, config_dir, config_from_yaml_text, from_dict,
                              load_config, save_config, to_dict)
 from allspark.errors import UserError, UserFileNotFoundError
 from allspark.io import atomic_dir, atomic_write_text
 from allspark.llm import LoadedLLM, load_llm
-from allspark.model import ADAPTER_DIR, INFO_NAME, WEIGHTS_NAME, AllSpark, _jsonable
+from allspark.model import AllSpark
 from allspark.types import Output
 
 logger = logging.getLogger(__name__)
@@ -64,13 +68,8 @@ __all__ = [
     "read_shared_settings", "JointModelConfig", "JointBridgeConfig", "check_same_draws",
 ]
 
-#: the joint config inside a run folder and a saved joint model; each task's resolved config and data info lie in
-#: ``tasks/<name>/`` beside it (``config.yaml``, ``data_info.json``)
-JOINT_CONFIG_NAME = "joint.yaml"
-TASKS_DIR = "tasks"
-#: how a saved joint model's shared parts are built (``{"bridge": {"shared": bool, "width": int | None}}``); a
-#: checkpoint without it has one bridge per task
-SHARED_NAME = "shared.json"
+# the checkpoint names (JOINT_CONFIG_NAME, TASKS_DIR, SHARED_NAME, STATE_NAME, ...) and resolve_joint_checkpoint /
+# is_joint_checkpoint live in allspark.checkpoints and stay importable from here
 SHARED_PREFIX = "llm."
 #: the shared bridge's queries and layers (``model.bridge.shared``)
 BRIDGE_PREFIX = "bridge."
@@ -81,7 +80,6 @@ _RESERVED_TASK_NAMES = frozenset(dir(nn.ModuleDict()))
 #: keys of the joint config's ``model`` block, which a task's config does not have
 _JOINT_MODEL_KEYS = ("model.bridge.shared", "model.bridge.width")
 SCHEDULES = ("round_robin", "proportional", "temperature", "run_length")
-STATE_NAME = "trainer_state.json"
 #: what a resumed joint run may change: the run's length
 _RESUME_MAY_CHANGE = ("train.steps", "train.max_steps")
 
@@ -632,23 +630,16 @@ class MultiTaskAllSpark(nn.Module):
         shared = {k: v for k, v in state.items() if k.startswith(SHARED_PREFIX)}
         adapter = next(iter(self.tasks.values())).peft_adapter(shared)
         with atomic_dir(directory) as tmp:
-            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "allspark": "1",
-                                                                "tasks": ",".join(self.task_names)})
+            save_trainable_state(state, tmp / WEIGHTS_NAME, tasks=",".join(self.task_names))
             (tmp / SHARED_NAME).write_text(json.dumps(self.shared_settings(), indent=2))
             if joint is not None:
                 atomic_write_text(tmp / JOINT_CONFIG_NAME, _yaml(joint))
             for name, part in self.tasks.items():
                 folder = tmp / TASKS_DIR / name
                 folder.mkdir(parents=True)
-                save_config(part.cfg, folder / "config.yaml")
-                (folder / INFO_NAME).write_text(json.dumps(_jsonable(part.info), indent=2))
-            if adapter is not None:
-                from peft.utils import SAFETENSORS_WEIGHTS_NAME
-
-                peft_config, weights = adapter
-                (tmp / ADAPTER_DIR).mkdir()
-                peft_config.save_pretrained(str(tmp / ADAPTER_DIR))
-                save_file(weights, str(tmp / ADAPTER_DIR / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
+                save_config(part.cfg, folder / CONFIG_NAME)
+                write_info(folder / INFO_NAME, part.info)
+            write_peft_adapter(tmp, adapter)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, tasks: Sequence[str] | None = None) -> "MultiTaskAllSpark":
@@ -657,7 +648,7 @@ class MultiTaskAllSpark(nn.Module):
         directory = Path(directory)
         cfgs, infos = read_task_folders(directory, tasks)
         bridge = read_shared_settings(directory)["bridge"]
-        state = load_file(str(directory / WEIGHTS_NAME))
+        state = load_trainable_state(directory / WEIGHTS_NAME)
         shared = bridge["shared"]
         if shared and not any(cfg.model.encoders for cfg in cfgs.values()):
             # text or code tasks of a checkpoint whose other tasks share a bridge: these have none to enter
@@ -677,23 +668,6 @@ class MultiTaskAllSpark(nn.Module):
         return sum(params[k].numel() for k in self.trainable_state_dict() if k in params)
 
 
-def resolve_joint_checkpoint(path: Path) -> Path:
-    """A joint run folder (use its ``best/``) or a :meth:`MultiTaskAllSpark.save_pretrained` folder."""
-    for candidate in (path, path / "best"):
-        if (candidate / WEIGHTS_NAME).is_file() and (candidate / TASKS_DIR).is_dir():
-            return candidate
-    raise UserFileNotFoundError(f"{path} holds no joint checkpoint: expected {path}/best/ (a joint train.py run "
-                                f"folder) or {WEIGHTS_NAME} + {TASKS_DIR}/<task>/config.yaml (save_pretrained)")
-
-
-def is_joint_checkpoint(path: str | Path) -> bool:
-    try:
-        resolve_joint_checkpoint(Path(path))
-        return True
-    except UserFileNotFoundError:
-        return False
-
-
 def read_task_folders(directory: Path, tasks: Sequence[str] | None = None
                       ) -> tuple[dict[str, Config], dict[str, dict[str, Any]]]:
     """The resolved config and data info of each task saved in a joint checkpoint (all, or ``tasks``). Configs
@@ -704,14 +678,14 @@ def read_task_folders(directory: Path, tasks: Sequence[str] | None = None
     if not (directory / WEIGHTS_NAME).is_file() or not folder.is_dir():
         raise UserFileNotFoundError(f"{directory} is not a joint AllSpark checkpoint: expected {WEIGHTS_NAME} and "
                                     f"{TASKS_DIR}/<task>/config.yaml")
-    held = sorted(p.name for p in folder.iterdir() if (p / "config.yaml").is_file())
+    held = sorted(p.name for p in folder.iterdir() if (p / CONFIG_NAME).is_file())
     names = list(tasks) if tasks is not None else held
     absent = [t for t in names if t not in held]
     if absent:
         raise UserError(f"{directory} holds tasks {held}, not {absent}")
     cfgs, infos = {}, {}
     for name in names:
-        cfg = config_from_yaml_text((folder / name / "config.yaml").read_text())
+        cfg = config_from_yaml_text((folder / name / CONFIG_NAME).read_text())
         cfg.model.llm.trust_remote_code = False
         if llm_source(cfg.model.llm.name) == "hub":
             raise UserError(f"{folder / name / 'config.yaml'}: model.llm.name is {cfg.model.llm.name!r}, a hub id "
@@ -866,7 +840,7 @@ def _check_resume(jcfg: JointConfig, cfgs: dict[str, Config], run_dir: Path, ckp
     differ = diff(to_dict(from_dict(JointConfig, yaml.safe_load(saved.read_text()) or {})), to_dict(jcfg),
                   _RESUME_MAY_CHANGE)
     for name, cfg in cfgs.items():
-        path = run_dir / TASKS_DIR / name / "config.yaml"
+        path = run_dir / TASKS_DIR / name / CONFIG_NAME
         if not path.is_file():
             differ.append(f"task {name} (not in the run)")
             continue
@@ -885,7 +859,7 @@ def _held_tasks(jcfg: JointConfig, cfgs: dict[str, Config]
     if not jcfg.init_from:
         return None, {}, {}
     start = Path(jcfg.init_from).expanduser()
-    single = (start / WEIGHTS_NAME).is_file() or (start / "best" / WEIGHTS_NAME).is_file()
+    single = (start / WEIGHTS_NAME).is_file() or (start / BEST_DIR / WEIGHTS_NAME).is_file()
     if single and not is_joint_checkpoint(start):
         raise UserError(f"init_from {start}: a single-task checkpoint; a joint run extends a joint one (a joint run "
                         "folder or its best/, with tasks/<name>/config.yaml); to start one task from a single-task "
@@ -1014,7 +988,7 @@ def train_joint(jcfg: JointConfig, output_dir: str | Path, *, resume: str | Path
         atomic_write_text(output_dir / JOINT_CONFIG_NAME, _yaml(jcfg))
         for name, cfg in cfgs.items():
             (output_dir / TASKS_DIR / name).mkdir(parents=True, exist_ok=True)
-            save_config(cfg, output_dir / TASKS_DIR / name / "config.yaml")
+            save_config(cfg, output_dir / TASKS_DIR / name / CONFIG_NAME)
 
     train_loaders, val_loaders, test_loaders = [], [], []
     for name, cfg in cfgs.items():
@@ -1115,7 +1089,7 @@ def train_joint(jcfg: JointConfig, output_dir: str | Path, *, resume: str | Path
             accelerator.wait_for_everyone()
             best = gather_trainable_state(accelerator, model)
             if main:
-                unwrapped.save_pretrained(output_dir / "best", joint=jcfg, state=best)
+                unwrapped.save_pretrained(output_dir / BEST_DIR, joint=jcfg, state=best)
         record.update({"val/aggregate": score, "best": better})
         log.write(record)
         accelerator.log({k: v for k, v in record.items() if k.startswith("val/")}, step=state.global_step)
@@ -1196,7 +1170,7 @@ def train_joint(jcfg: JointConfig, output_dir: str | Path, *, resume: str | Path
         "num_processes": accelerator.num_processes, "precision": precision,
     }
     if tcfg.test_at_end:
-        unwrapped.load_trainable_state_dict(load_file(str(output_dir / "best" / WEIGHTS_NAME)))
+        unwrapped.load_trainable_state_dict(load_file(str(output_dir / BEST_DIR / WEIGHTS_NAME)))
         for name in names:
             metrics = {"metric_for_best": cfgs[name].train.metric_for_best,
                        f"val/{cfgs[name].train.metric_for_best}": state.best_metrics.get(name),
@@ -1209,7 +1183,7 @@ def train_joint(jcfg: JointConfig, output_dir: str | Path, *, resume: str | Path
         write_metrics(output_dir / "metrics.json", result)
         from allspark.model_card import write_joint_model_card
 
-        write_joint_model_card(output_dir / "best", unwrapped.cfgs, {n: p.info for n, p in unwrapped.tasks.items()},
+        write_joint_model_card(output_dir / BEST_DIR, unwrapped.cfgs, {n: p.info for n, p in unwrapped.tasks.items()},
                                result, bridge_width=unwrapped.bridge_width,
                                widths={n: [e.out_dim for e in p.encoders] for n, p in unwrapped.tasks.items()},
                                num_trainable=unwrapped.num_trained_parameters())

@@ -26,6 +26,7 @@ from accelerate.utils import set_seed
 from safetensors.torch import load_file, save_file
 
 from allspark.baselines import baseline_metrics, build_baselines
+from allspark.checkpoints import BEST_DIR, STATE_NAME, WEIGHTS_NAME, resolve_checkpoint
 from allspark.config import Config, ConfigError, save_config, to_dict
 from allspark.data import EpochSampler, build_dataset, build_loader, loader_options, resolve_data_root
 from allspark.distributed import make_accelerator
@@ -39,8 +40,6 @@ from allspark.precision import run_precision
 logger = logging.getLogger(__name__)
 
 __all__ = ["TrainerState", "train", "train_stages", "find_latest_checkpoint", "build_optimizer", "warmup_steps"]
-
-STATE_NAME = "trainer_state.json"
 
 
 @dataclass
@@ -504,10 +503,8 @@ def train(
         init_from_data(model, train_set, cfg.data.eval_batch_size,  # one pass: no workers to keep
                        **{**loader_options(cfg.data, accelerator.device), "persistent_workers": False})
     if tcfg.init_from:
-        from allspark.evaluate_run import resolve_checkpoint
-
         start = resolve_checkpoint(Path(tcfg.init_from).expanduser())
-        fresh = model.load_trainable_state_dict(load_file(str(start / "model.safetensors")), strict=False)
+        fresh = model.load_trainable_state_dict(load_file(str(start / WEIGHTS_NAME)), strict=False)
         logger.info("initialised from %s (%d tensors not in it keep their initial values)", start, len(fresh))
     evaluator = build_evaluator(cfg, info)
     baselines = build_baselines(cfg, info, evaluator)  # a bad baseline config fails now, not after training
@@ -598,7 +595,7 @@ def train(
             accelerator.wait_for_everyone()
             best = gather_trainable_state(accelerator, model)  # on every process: the gather may be collective
             if main:
-                unwrapped.save_pretrained(output_dir / "best", state=best)
+                unwrapped.save_pretrained(output_dir / BEST_DIR, state=best)
         scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         log.write({"epoch": round(epoch_float, 3), "step": state.global_step,
                    **{f"val/{k}": v for k, v in scalars.items()}, "best": better})
@@ -700,7 +697,7 @@ def train(
                f"val/{tcfg.metric_for_best}": state.best_metric, "num_processes": accelerator.num_processes}
     metrics["precision"] = precision
     if tcfg.test_at_end:  # test-split metrics of the best weights
-        unwrapped.load_trainable_state_dict(load_file(str(output_dir / "best" / "model.safetensors")))
+        unwrapped.load_trainable_state_dict(load_file(str(output_dir / BEST_DIR / WEIGHTS_NAME)))
         metrics.update(evaluate_split(test_loader, "test"))
         if main:  # classical baselines on the same split, fitted on the training split (and probes of the model)
             metrics.update(baseline_metrics(cfg, evaluator, baselines, train_set, test_set, unwrapped))
@@ -708,7 +705,7 @@ def train(
         write_metrics(output_dir / "metrics.json", metrics)
         from allspark.model_card import write_model_card
 
-        write_model_card(output_dir / "best", cfg, unwrapped.info, metrics,
+        write_model_card(output_dir / BEST_DIR, cfg, unwrapped.info, metrics,
                          num_trainable=unwrapped.num_parameters(trainable_only=True))
         if tcfg.test_at_end:
             log.write({"test/" + k: v for k, v in metrics.items() if isinstance(v, (int, float))})
@@ -767,12 +764,12 @@ def train_stages(
             logger.info("training stage %d/%d: %s", i + 1, len(cfg.train.stages), name)
             metrics = train(stage_cfg, stage_dir, resume=stage_resume, step_callback=step_callback)
         results[name] = metrics
-        previous = stage_dir / "best"
+        previous = stage_dir / BEST_DIR
     final = {**metrics, "stages": {n: {k: v for k, v in m.items() if isinstance(v, (int, float))}
                                    for n, m in results.items()}}
     if PartialState().is_main_process:
         save_config(cfg, output_dir / "config.yaml")
-        with atomic_dir(output_dir / "best") as tmp:
+        with atomic_dir(output_dir / BEST_DIR) as tmp:
             for f in previous.iterdir():  # files, and the adapter/ folder of a LoRA model
                 (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
         write_metrics(output_dir / "metrics.json", final)
