@@ -5,6 +5,12 @@ receptive field of a token covers a target's scatterer group; the map's cells be
 learned position embedding (the bridge's cross-attention is order-blind, and where a scatterer lies on
 the target matters).
 
+Input channels: the paper's SAR chips have one or two bands (polarisations; Section III-C, ``R^{H x W x 2}``).
+``in_chans`` is the data's (the MSTAR reader's ``info()["channels"]``: 1 for the JPEG release, 2 for
+two-channel ``.npy`` / TIFF chips); a batch with another channel count -- data of another form than the
+checkpoint or config was built for -- is a ``DatasetFormatError`` that names the batch's first chip file
+(``batch["path"]``, which the reader gives) and where the model's count came from.
+
 ``bn_momentum`` (PyTorch default 0.1) is raised for short runs such as the demo: the running statistics
 otherwise lag behind the fast-changing early weights and evaluation sees mis-scaled features (measured on
 the demo after 36 steps: eval-mode test accuracy 0.20 with 0.1, 0.76-0.88 with 0.3, against 0.95 in
@@ -18,6 +24,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from allspark.data.base import DatasetFormatError
 from allspark.registry import ENCODERS
 from allspark.sizing import from_data
 from allspark.types import Tokens, check_tensor
@@ -57,6 +64,15 @@ class SARConvEncoder(nn.Module):
         self.out_dim = int(c_in)
 
     def forward(self, batch: dict[str, Any]) -> Tokens:
+        x = batch.get(self.image_key)
+        if isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[1] != self.in_chans:
+            paths = batch.get("path")
+            chip = f"chip {paths[0]}" if isinstance(paths, (list, tuple)) and paths else "the batch's chips"
+            raise DatasetFormatError(
+                f"sar_cnn: {chip} has {x.shape[1]} channel(s), the model was built for {self.in_chans} "
+                f"(model.encoders.*.args.in_chans: the channel count of the data it was trained on, data_info.json "
+                f"'channels' of a checkpoint); train a model on data of this form, or use chips of "
+                f"{self.in_chans} channel(s)")
         x = check_tensor(batch, self.image_key, shape=("B", self.in_chans, self.image_size, self.image_size))
         fmap = self.features(x.to(self.position_embedding.dtype))
         tokens = fmap.flatten(2).transpose(1, 2) + self.position_embedding

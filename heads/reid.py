@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from allspark.config import ConfigError
 from allspark.registry import HEADS
 from allspark.sizing import from_data
 from allspark.types import LLMOutput, Output, pooled_size
@@ -23,7 +24,9 @@ class ReIDHead(nn.Module):
     standardisation without shift, which removes the component every sample shares -- on SmolLM2 the prompt
     dominates the last-token state, between-sample variation is ~9% of it) or ``layernorm``.
     ``cross_modal_weight`` > 0 adds a cross-modal InfoNCE term (see ``cross_modal_infonce``), meant for batches
-    of several identities with both modalities (``data.args.images_per_identity``).
+    of several identities with single images of both modalities (``data.args.pairing: single`` with
+    ``data.args.images_per_identity``); a training batch of visible-infrared pairs (``pairing: paired``, a
+    ``paired_key`` entry) has no single-modality sample to contrast and is refused with a ``ConfigError``.
     ``pooling``: see :meth:`LLMOutput.pool`; ``last+bridge`` (the infrared config's choice) concatenates the
     last-token state with the mean bridge token entering the language model, a skip path around it: on the
     demo, identity features that transfer to unseen people do not survive the frozen SmolLM2 (test rank1 at
@@ -33,14 +36,14 @@ class ReIDHead(nn.Module):
 
     def __init__(self, hidden_size: int, num_classes: int | None = None, pooling: str = "last",
                  neck: str = "batchnorm", bn_momentum: float = 0.1, cross_modal_weight: float = 0.0,
-                 temperature: float = 0.1, label_key: str = "label",
+                 temperature: float = 0.1, label_key: str = "label", paired_key: str = "image_ir",
                  info: dict[str, Any] | None = None) -> None:
         super().__init__()
         num_classes = from_data("reid head", "num_classes", num_classes, info, "num_classes",
                                 where="model.head.args", found="has {} training identities")
         if num_classes < 2:
             raise ValueError(f"reid head: needs num_classes >= 2 training identities, got {num_classes}")
-        self.pooling, self.label_key = pooling, label_key
+        self.pooling, self.label_key, self.paired_key = pooling, label_key, paired_key
         size = pooled_size(pooling, hidden_size)
         if neck == "batchnorm":
             self.neck = nn.BatchNorm1d(size, momentum=bn_momentum)
@@ -66,6 +69,12 @@ class ReIDHead(nn.Module):
         if labels is not None and self.training:
             valid = labels >= 0
             loss = F.cross_entropy(logits[valid], labels[valid]) if valid.any() else logits.sum() * 0.0
+            if self.cross_modal_weight and self.paired_key in batch:
+                raise ConfigError(
+                    f"reid head: model.head.args.cross_modal_weight={self.cross_modal_weight} contrasts single visible "
+                    f"and infrared images within a batch (data.args.pairing: single with images_per_identity), but "
+                    f"this training batch holds visible-infrared pairs (batch[{self.paired_key!r}], data.args.pairing: "
+                    "paired), fused into one embedding each. Set cross_modal_weight: 0 or data.args.pairing: single")
             if self.cross_modal_weight and "modality" in batch:
                 loss = loss + self.cross_modal_weight * cross_modal_infonce(
                     F.normalize(feat, dim=-1), labels, batch["modality"], self.temperature)

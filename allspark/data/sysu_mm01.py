@@ -16,13 +16,36 @@ to ``image_size`` = (H, W), normalised with ImageNet statistics), ``modality`` (
 ``label`` (training identities numbered 0..K-1 in the ``train`` split, -1 elsewhere), ``pid`` (the
 identity number), ``cam`` (1..6), ``index``. Training images get a random horizontal flip.
 
+Pairing (``pairing``, default ``paired``): the AllSpark paper's infrared input is a visible and a near-infrared
+image of one person read together, ``m = {I_r, I_i}``, ``f(m) = Enc(I_r) (+) Enc(I_i)`` (Section III-C; DDAG, whose
+design it inherits, also trains on such pairs). With ``paired`` the *training loader* draws pairs: its sampler
+(:class:`PairSampler`) yields ``(visible index, infrared index)`` tuples of one identity, and ``dataset[(v, r)]``
+is a paired item: ``image`` (the visible image, cams 1, 2, 4, 5), ``image_ir`` (the infrared one, cams 3, 6),
+``modality`` 0 (the modality of ``image``), ``label``, ``pid``, ``cam`` / ``cam_ir`` and ``index`` /
+``index_ir``. Each epoch every training image appears in at least one pair (an identity with v visible and r
+infrared images gives max(v, r) pairs; the shorter side is drawn again at random). The two-stream encoder runs each
+image through its own stream and concatenates the two token sets before the bridge (``encoders/dual_resnet.py``).
+``single``: one image per training sample (either modality), as before; with ``images_per_identity`` K the
+batches are DDAG's identity batches of single images (for the cross-modal InfoNCE term of the re-id head).
+
+How paired training meets the evaluation protocol: the SYSU-MM01 all-search protocol ranks single images
+(infrared queries against a visible gallery), so every *indexed* item (``dataset[i]``, an int) is one image, in
+every split and either pairing: the ``val`` / ``test`` loaders, ``evaluate.py`` (also on the ``train`` split), the
+baselines and the data-dependent initialisation read single images, and each image goes through the stream of its
+own modality. Only the training loader of ``paired`` asks for pairs. The encoder's ``stream_dropout`` (0.67 in
+the infrared config) shows a share of the training pairs with one stream's tokens masked, so single-stream
+inputs -- what evaluation feeds -- are trained on too. ``data.batch_size`` counts pairs in the paired form.
+
 Refused with ``DatasetFormatError``: a missing camera folder (named), a split list that is missing, not
-UTF-8, empty or holds a token that is not a non-negative integer (file, line and token named), and an
-identity of the list without any image. An image that cannot be decoded raises naming the file when its
-item is read.
+UTF-8, empty or holds a token that is not a non-negative integer (file, line and token named), an
+identity of the list without any image, and (``paired``) a training split where no identity has both a visible
+and an infrared image. An image that cannot be decoded raises naming the file when its item is read. With
+``ConfigError``: a ``pairing`` other than ``single`` / ``paired``, and ``images_per_identity`` with ``paired``
+(identity batches of single images are the ``single`` form's).
 """
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -36,10 +59,14 @@ from allspark.data.base import DatasetFormatError, ModalityDataset, read_utf8_te
 from allspark.data.image_folder import IMAGE_EXTENSIONS, read_image, resize_uint8
 from allspark.registry import DATASETS
 
-__all__ = ["SYSUMM01", "VISIBLE_CAMS", "INFRARED_CAMS"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["SYSUMM01", "VISIBLE_CAMS", "INFRARED_CAMS", "PAIRINGS", "PairSampler", "IdentitySampler"]
 
 VISIBLE_CAMS = (1, 2, 4, 5)
 INFRARED_CAMS = (3, 6)
+#: ``data.args.pairing``: one image per training sample, or a visible and an infrared image of one identity
+PAIRINGS = ("single", "paired")
 SPLIT_FILES = {"train": "train_id.txt", "val": "val_id.txt", "test": "test_id.txt"}
 LAYOUT = ("expected layout: <root>/cam1..cam6/<4-digit id>/<image>.jpg (cam3 and cam6 infrared) and "
           "<root>/exp/{train_id,val_id,test_id}.txt with comma-separated identity numbers")
@@ -92,6 +119,50 @@ class IdentitySampler(torch.utils.data.Sampler):
         return iter(out[:self.length])
 
 
+class PairSampler(torch.utils.data.Sampler):
+    """Training pairs ``(visible index, infrared index)`` of one identity, shuffled; the order depends only on
+    (seed, epoch).
+
+    Per identity with ``v`` visible and ``r`` infrared images, ``max(v, r)`` pairs an epoch: the longer side in a
+    random order, each image once, the shorter side as a random permutation followed by random draws (so every
+    image of both modalities is in at least one pair of every epoch). Identities seen by one modality only cannot
+    form a pair and are left out (their number is ``skipped``)."""
+
+    def __init__(self, pids: list[int], modality: list[int], seed: int) -> None:
+        pid_arr, mod_arr = np.asarray(pids), np.asarray(modality)
+        self.groups: list[tuple[np.ndarray, np.ndarray]] = []
+        self.skipped = 0
+        for pid in sorted(set(pids)):
+            vis = np.flatnonzero((pid_arr == pid) & (mod_arr == 0))
+            ir = np.flatnonzero((pid_arr == pid) & (mod_arr == 1))
+            if len(vis) and len(ir):
+                self.groups.append((vis, ir))
+            else:
+                self.skipped += 1
+        self.length = sum(max(len(v), len(r)) for v, r in self.groups)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch, 1])
+        pairs: list[tuple[int, int]] = []
+        for vis, ir in self.groups:
+            n = max(len(vis), len(ir))
+            sides = []
+            for pool in (vis, ir):
+                order = rng.permutation(pool)
+                if len(order) < n:
+                    order = np.concatenate([order, rng.choice(pool, n - len(order))])
+                sides.append(order)
+            pairs += [(int(a), int(b)) for a, b in zip(*sides)]
+        return iter([pairs[i] for i in rng.permutation(len(pairs))])
+
+
 def read_id_list(path: Path) -> list[int]:
     if not path.is_file():
         raise DatasetFormatError(f"SYSU-MM01: split file {path} is missing; {LAYOUT}")
@@ -115,8 +186,19 @@ class SYSUMM01(ModalityDataset):
     demo_version: ClassVar[int] = 2
 
     def __init__(self, root, split: str, *, image_size: tuple[int, int] | list[int] = (288, 144),
-                 include_val_ids: bool = False, flip: bool = True, images_per_identity: int | None = None) -> None:
+                 include_val_ids: bool = False, flip: bool = True, images_per_identity: int | None = None,
+                 pairing: str = "paired") -> None:
         super().__init__(root, split)
+        if pairing not in PAIRINGS:
+            raise ConfigError(f"SYSU-MM01: data.args.pairing must be one of {list(PAIRINGS)} (single: one image per "
+                              f"training sample; paired: a visible and an infrared image of one identity), got "
+                              f"{pairing!r}")
+        if pairing == "paired" and images_per_identity is not None:
+            raise ConfigError(f"SYSU-MM01: data.args.images_per_identity={images_per_identity} builds identity "
+                              "batches of single images (half visible, half infrared, for the cross-modal term); "
+                              "with data.args.pairing=paired every sample already holds a visible and an infrared "
+                              "image of one identity. Set pairing: single, or images_per_identity: null")
+        self.pairing = pairing
         if images_per_identity is not None and (images_per_identity < 2 or images_per_identity % 2):
             raise ConfigError(f"SYSU-MM01: images_per_identity must be an even number >= 2 (half visible, half "
                               f"infrared), got {images_per_identity}")
@@ -147,28 +229,64 @@ class SYSUMM01(ModalityDataset):
         self._label = {pid: i for i, pid in enumerate(ids)} if split == "train" else {}
         self.flip = flip and split == "train"
         self.num_ids = len(ids)
+        if split == "train" and pairing == "paired":
+            self._pair_sampler(0)  # a split without any visible-infrared pair fails now, not at the first step
+
+    def _pair_sampler(self, seed: int) -> "PairSampler":
+        sampler = PairSampler([s[1] for s in self.samples], [int(s[2] in INFRARED_CAMS) for s in self.samples], seed)
+        if not sampler.groups:
+            raise DatasetFormatError(f"SYSU-MM01: data.args.pairing is paired, but no identity of the {self.split} "
+                                     f"split under {str(self.root)!r} has both a visible (cam1, 2, 4, 5) and an "
+                                     f"infrared (cam3, 6) image; {LAYOUT}")
+        return sampler
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        path, pid, cam = self.samples[i]
+    def _image(self, i: int) -> torch.Tensor:
+        path = self.samples[i][0]
         img = resize_uint8(read_image(path, "RGB"), self.image_size).astype(np.float32) / 255.0
         img = (img - MEAN) / STD
         x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
         if self.flip and torch.rand(()) < 0.5:
             x = x.flip(-1)
-        return {"image": x, "modality": torch.tensor(int(cam in INFRARED_CAMS)),
+        return x
+
+    def __getitem__(self, i: int | tuple[int, int]) -> dict[str, Any]:
+        """``dataset[i]``: image ``i``; ``dataset[(v, r)]``: the pair of visible image ``v`` and infrared image
+        ``r`` of one identity (what :class:`PairSampler` yields; see the module docstring)."""
+        if isinstance(i, (tuple, list)):
+            return self._pair(*i)
+        _, pid, cam = self.samples[i]
+        return {"image": self._image(i), "modality": torch.tensor(int(cam in INFRARED_CAMS)),
                 "label": torch.tensor(self._label.get(pid, -1)), "pid": torch.tensor(pid),
                 "cam": torch.tensor(cam), "index": torch.tensor(i)}
 
+    def _pair(self, v: int, r: int) -> dict[str, Any]:
+        (_, pid, cam), (_, pid_ir, cam_ir) = self.samples[v], self.samples[r]
+        if cam in INFRARED_CAMS or cam_ir not in INFRARED_CAMS or pid != pid_ir:
+            raise ValueError(f"SYSU-MM01: a pair is (visible image, infrared image) of one identity; items {v} "
+                             f"(identity {pid}, cam{cam}) and {r} (identity {pid_ir}, cam{cam_ir}) are not")
+        return {"image": self._image(v), "image_ir": self._image(r), "modality": torch.tensor(0),
+                "label": torch.tensor(self._label.get(pid, -1)), "pid": torch.tensor(pid),
+                "cam": torch.tensor(cam), "cam_ir": torch.tensor(cam_ir), "index": torch.tensor(v),
+                "index_ir": torch.tensor(r)}
+
     def train_sampler(self, batch_size: int, seed: int):
-        """With ``images_per_identity`` K: batches of batch_size / K identities, each with K/2 visible and K/2
-        infrared images (DDAG's identity sampler), so every batch holds cross-modality positives."""
+        """``paired``: :class:`PairSampler` (visible-infrared pairs of one identity). ``single`` with
+        ``images_per_identity`` K: batches of batch_size / K identities, each with K/2 visible and K/2 infrared
+        images (DDAG's identity sampler), so every batch holds cross-modality positives; else the default order."""
+        modality = [int(s[2] in INFRARED_CAMS) for s in self.samples]
+        if self.pairing == "paired":
+            sampler = self._pair_sampler(seed)
+            if sampler.skipped:
+                logger.warning("SYSU-MM01: %d of %d %s identities have images of one modality only and form no "
+                               "visible-infrared pair (left out of paired training)", sampler.skipped,
+                               sampler.skipped + len(sampler.groups), self.split)
+            return sampler
         if self.images_per_identity is None:
             return None
-        return IdentitySampler([s[1] for s in self.samples], [int(s[2] in INFRARED_CAMS) for s in self.samples],
-                               batch_size, self.images_per_identity, seed)
+        return IdentitySampler([s[1] for s in self.samples], modality, batch_size, self.images_per_identity, seed)
 
     def info(self) -> dict[str, Any]:
         return {"num_classes": self.num_ids, "image_size": list(self.image_size), "channels": 3}

@@ -6,6 +6,11 @@ drawn at random for every identity and every visible camera (1, 2, 4, 5) that ha
 removed as in the official code: camera 3 shares its location with camera 2 (``same_camera_groups={3: 2}``).
 Distance: 1 - cosine similarity of the normalised embeddings. Metrics CMC ``rank1``, ``rank10``,
 ``rank20`` and ``mAP`` (see :mod:`allspark.metrics.reid`), with their standard deviation over trials.
+
+Every query and gallery embedding is that of one image, whatever the training form: with the default
+``data.args.pairing: paired`` the model trains on visible-infrared pairs (both streams' tokens concatenated), and
+here each image goes through the stream of its own modality alone (the evaluated split's items are single images;
+see :mod:`allspark.data.sysu_mm01`).
 """
 from __future__ import annotations
 
