@@ -306,9 +306,10 @@ class ImageClassificationPredictor(Predictor):
 
     def extensions(self) -> tuple[str, ...]:
         from allspark.data.image_folder import IMAGE_EXTENSIONS
+        from allspark.data.mstar import CHIP_EXTENSIONS
 
-        return {"eurosat_ms": TIFF_SUFFIXES, "modelnet40": (".txt",), "ucf101": VIDEO_EXTENSIONS}.get(
-            self.cfg.data.dataset, IMAGE_EXTENSIONS)
+        return {"eurosat_ms": TIFF_SUFFIXES, "modelnet40": (".txt",), "ucf101": VIDEO_EXTENSIONS,
+                "mstar_soc": CHIP_EXTENSIONS}.get(self.cfg.data.dataset, IMAGE_EXTENSIONS)
 
     def reader_for(self, files: list[Path]):
         """A reader whose samples are ``files`` (label -1): its ``__getitem__`` is the training preprocessing."""
@@ -330,6 +331,9 @@ class ImageClassificationPredictor(Predictor):
         elif name == "mstar_soc":  # centre crop, no training jitter, per-chip standardisation
             reader.crop_size = int(args["crop_size"])
             reader.jitter = 0
+            if self.info.get("channels") is not None:  # a chip of another channel count: one error naming it
+                reader.channels = int(self.info["channels"])
+                reader._channels_from = f"the checkpoint's {self.checkpoint}/data_info.json says"
         elif name == "modelnet40":  # the first num_points rows, into the unit sphere, no augmentation
             reader.num_points, reader.use_normals = int(args["num_points"]), bool(args["use_normals"])
             reader.augment = False

@@ -512,3 +512,28 @@ def test_cli_ask_answers_every_image_as_the_python_api_does(checkpoints, tmp_pat
            "pixel by pixel", "allspark predict")
     _fails(run(["-m", "allspark", "ask", "--checkpoint", str(run_dir), "--input", str(tmp_path / "none.jpg"), "q"]),
            "does not exist")
+
+
+def test_cli_sar_reads_npy_chips_and_refuses_one_of_another_channel_count(checkpoints, tmp_path):
+    """SAR chips as .npy arrays are found and predicted like the JPEGs they hold; a two-channel chip given to the
+    one-channel checkpoint is one error naming the chip and the checkpoint's channel count, and no output."""
+    from PIL import Image
+
+    run_dir = checkpoints("sar")
+    _, test = _test_set(run_dir)
+    folder = tmp_path / "chips"
+    folder.mkdir()
+    src = test.samples[0][0]
+    np.save(folder / "a.npy", np.asarray(Image.open(src).convert("L"), np.float32))
+    out = tmp_path / "pred.csv"
+    result = run(["-m", "allspark", "predict", "--checkpoint", str(run_dir), "--input", str(folder), "--out", str(out),
+                  "--device", "cpu"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [Path(f).name for f in pd.read_csv(out)["file"]] == ["a.npy"]
+    bad = folder / "b.npy"
+    chip = np.asarray(Image.open(src).convert("L"), np.float32)
+    np.save(bad, np.stack([chip, chip]))
+    out2 = tmp_path / "pred2.csv"
+    _fails(run(["-m", "allspark", "predict", "--checkpoint", str(run_dir), "--input", str(folder), "--out", str(out2),
+                "--device", "cpu"]), str(bad), "2 channel(s)", "1 (as the checkpoint's")
+    _no_output(out2)
