@@ -72,8 +72,18 @@ def tiny_overrides(**extra) -> list[str]:
 def _fresh_accelerate_state():
     """accelerate keeps process-wide singletons; tests that train in-process start from a clean state."""
     yield
-    from accelerate.state import AcceleratorState, GradientState, PartialState
+    from tests.helpers import reset_accelerate
 
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+    reset_accelerate()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module's tests (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``):
+    their numbers do not depend on the machine's core count."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -65,3 +65,12 @@ def majority_share(metrics: dict) -> float:
     OA / top1. End-to-end tests assert the trained model clears it by a margin."""
     support = metrics["support"]
     return max(support.values()) / sum(support.values())
+
+
+def reset_accelerate() -> None:
+    """Forget accelerate's process-wide singletons (state, gradient state), so the next Accelerator starts clean."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()

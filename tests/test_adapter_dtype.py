@@ -14,12 +14,7 @@ from allspark.llm import adapter_dtype, load_llm, under_fsdp
 from tests.helpers import TINY_HSI
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

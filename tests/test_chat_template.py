@@ -19,12 +19,7 @@ WIDE = ("model.llm.tiny={hidden_size: 64, num_hidden_layers: 2, num_attention_he
         "intermediate_size: 128, initializer_range: 0.1}")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

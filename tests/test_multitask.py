@@ -22,7 +22,7 @@ from allspark.errors import UserError
 from allspark.multitask import (MultiTaskAllSpark, TaskSchedule, aggregate_score, load_joint_config,
                                 resolve_task_configs, train_joint)
 from allspark.training import find_latest_checkpoint
-from tests.helpers import ROOT, free_port, run
+from tests.helpers import ROOT, free_port, run, reset_accelerate
 
 #: both tasks shrunk to test size (72 HSI training pixels, 141 table rows; 9 and 18 batches of 8 a pass), LoRA
 #: dropout and random prompts on, so an exact resume must restore the RNG; ``TASK:key=value`` is one task's
@@ -36,20 +36,9 @@ THREE = [*TINY, "table:model.encoders.0.args={dim: 24, depth: 1, heads: 2, dropo
          "sar:model.encoders.0.args={channels: [8, 16, 32], kernel_sizes: [5, 5, 3], bn_momentum: 0.3}"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _reset_accelerate() -> None:
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
 
 
 @pytest.fixture(scope="module")
@@ -346,7 +335,7 @@ def joint_run(tmp_path_factory):
                            "joint.train.eval_every_steps=20", "joint.schedule.type=round_robin",
                            "table:eval.baselines=[{type: ridge, args: {inputs: [num, cat, num_mask]}}]"]) == 0
     finally:
-        _reset_accelerate()
+        reset_accelerate()
     return out
 
 
@@ -401,11 +390,11 @@ def test_evaluate_py_evaluates_every_task_of_a_joint_checkpoint_or_one(joint_run
     trained = json.loads((joint_run / "metrics.json").read_text())["tasks"]
     try:
         report = evaluate_joint(joint_run, output_dir=tmp_path / "all")
-        _reset_accelerate()
+        reset_accelerate()
         assert evaluate_main(["--checkpoint", str(joint_run), "--modality", "table",
                               "--output-dir", str(tmp_path / "one")]) == 0
     finally:
-        _reset_accelerate()
+        reset_accelerate()
     assert set(report["tasks"]) == {"hsi", "table"}
     assert report["tasks"]["hsi"]["OA"] == pytest.approx(trained["hsi"]["OA"])  # same weights, same test split
     assert report["tasks"]["table"]["RMSE"] == pytest.approx(trained["table"]["RMSE"])
@@ -429,7 +418,7 @@ def shared_run(tmp_path_factory):
                            "joint.model.bridge.shared=true", "joint.train.steps=48", "joint.train.eval_every_steps=24",
                            "joint.schedule.type=round_robin"]) == 0
     finally:
-        _reset_accelerate()
+        reset_accelerate()
     return out
 
 
@@ -485,12 +474,12 @@ def test_a_new_task_trains_against_the_held_shared_parts_and_old_metrics_stay(he
     try:
         assert train_main(["--config", str(extend), "--init-from", str(run_dir), "--output-dir", str(out),
                            *common]) == 0
-        _reset_accelerate()
+        reset_accelerate()
         before = evaluate_joint(run_dir, output_dir=tmp_path / "before")
-        _reset_accelerate()
+        reset_accelerate()
         after = evaluate_joint(out, output_dir=tmp_path / "after")
     finally:
-        _reset_accelerate()
+        reset_accelerate()
     assert set(after["tasks"]) == {*trained, "pm25"}
     for task, metrics in before["tasks"].items():
         scalars = {k: v for k, v in metrics.items() if isinstance(v, float) and "second" not in k}  # not timings
@@ -542,7 +531,7 @@ def test_a_new_task_trains_against_the_held_shared_parts_and_old_metrics_stay(he
         with pytest.raises(ConfigError, match=r"configure different bridges.*model.bridge.num_queries \(4 vs 8\)"):
             train_main(["--config", str(extend), "--init-from", str(run_dir), "--output-dir", str(tmp_path / "z"),
                         *common, "pm25:model.bridge.num_queries=8"])
-        _reset_accelerate()
+        reset_accelerate()
     assert not any((tmp_path / d).exists() for d in "xyzs")
 
 
@@ -587,10 +576,10 @@ def test_a_joint_run_killed_mid_run_resumes_to_bit_identical_weights(bridge, tmp
 
     try:
         train_joint(_joint(*extra), tmp_path / "full", step_callback=record("full"))
-        _reset_accelerate()
+        reset_accelerate()
         with pytest.raises(_Kill):
             train_joint(_joint(*extra), tmp_path / "cut", step_callback=record("cut", kill_at=10))
-        _reset_accelerate()
+        reset_accelerate()
         latest = find_latest_checkpoint(tmp_path / "cut")
         assert latest.name == "step-8"
         state = json.loads((latest / "trainer_state.json").read_text())
@@ -600,7 +589,7 @@ def test_a_joint_run_killed_mid_run_resumes_to_bit_identical_weights(bridge, tmp
         steps["cut"].clear()
         train_joint(_joint(*extra), tmp_path / "cut", resume=True, step_callback=record("cut"))
     finally:
-        _reset_accelerate()
+        reset_accelerate()
     assert steps["full"] == list(range(1, 25)) and steps["cut"] == list(range(9, 25))  # resumed, not restarted
     assert inits == ["hsi", "table"] * 2
     a = load_file(str(tmp_path / "full" / "checkpoints" / "step-24" / "model.safetensors"))
@@ -670,7 +659,7 @@ def test_two_processes_take_the_same_task_every_step_and_match_one_process(tmp_p
     try:  # the same script in this process (no second start-up)
         runpy.run_path(str(script), run_name="__main__")
     finally:
-        _reset_accelerate()
+        reset_accelerate()
     m2, m1 = (json.loads((tmp_path / r / "metrics.json").read_text()) for r in ("two", "one"))
     assert m2["num_processes"] == 2 and m1["num_processes"] == 1
     rank0, rank1, alone = (json.loads((tmp_path / d / f).read_text()) for d, f in
@@ -754,7 +743,7 @@ def test_bad_task_lists_fail_with_one_clear_error(tmp_path):
     with pytest.raises(UserError, match=r"task 'table': data root '.*nowhere' does not exist"):
         train_joint(load_joint_config(tasks=["hsi", "table"], overrides=[*TINY, f"table:data.root={tmp_path}/nowhere"]),
                     tmp_path / "unread")
-    _reset_accelerate()
+    reset_accelerate()
     assert not (tmp_path / "bad").exists() and not (tmp_path / "unread").exists()
 
 

@@ -5,6 +5,8 @@ optimizer steps; the loaders are observed through a recorder around allspark.dat
 from __future__ import annotations
 
 import pytest
+
+from tests.helpers import reset_accelerate
 import torch
 
 import allspark.data as data_module
@@ -19,23 +21,10 @@ TINY = ["model.llm.name=tiny", "model.bridge={num_queries: 4, depth: 1, heads: 2
 #: table: one worker kept alive, pinned batches; hsi: the defaults (auto: no workers and no pinning without a GPU)
 LOADING = ["table:data.num_workers=1", "table:data.pin_memory=true"]
 
-pytestmark = pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true but no accelerator")
+pytestmark = [pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true but no accelerator"),
+              pytest.mark.usefixtures("one_torch_thread")]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _reset_accelerate() -> None:
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
 
 
 @pytest.fixture
@@ -65,12 +54,12 @@ def test_each_task_s_loaders_take_its_own_worker_settings(loaders, tmp_path):
                 reader["table"]: {"num_workers": 1, "pin_memory": True, "persistent_workers": True}}
     try:
         train_joint(jcfg, tmp_path / "run")
-        _reset_accelerate()
+        reset_accelerate()
         trained = list(loaders)
         loaders.clear()
         evaluate_joint(tmp_path / "run", output_dir=tmp_path / "eval")
     finally:
-        _reset_accelerate()
+        reset_accelerate()
     # train, val and test loaders of each task with its settings; init_from_data's one pass over the training split
     # (when a head has one) keeps no workers alive, as in a single-task run
     for name in expected:
@@ -92,5 +81,5 @@ def test_a_bad_worker_setting_names_its_task_and_writes_nothing(tmp_path):
         with pytest.raises(ConfigError, match=r"^task 'hsi': data.pin_memory must be auto, true or false, got 'maybe'"):
             train_joint(jcfg, tmp_path / "run")
     finally:
-        _reset_accelerate()
+        reset_accelerate()
     assert not (tmp_path / "run").exists()

@@ -31,7 +31,7 @@ from allspark.data import build_dataset
 from allspark.model import AllSpark
 from allspark.training import find_latest_checkpoint, train
 from tests.conftest import tiny_overrides
-from tests.helpers import ROOT, TINY_HSI, run
+from tests.helpers import ROOT, TINY_HSI, reset_accelerate, run
 
 #: for subprocesses: one thread (see above), and the INFO log lines the tests read
 SUBPROCESS_ENV = {"OMP_NUM_THREADS": "1", "ALLSPARK_LOGLEVEL": "INFO"}
@@ -43,25 +43,11 @@ HSI = TINY_HSI + ["data.args.train_ratio=0.1", "data.batch_size=8", "eval.baseli
 STEPS_PER_EPOCH = 9
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def hsi(*extra: str) -> Config:
     return load_config("hsi", overrides=HSI + list(extra))
-
-
-def _reset_accelerate() -> None:
-    """Between two train() calls in one test (the conftest fixture resets after each test)."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
 
 
 def run_train(cfg: Config, out: Path, **kwargs) -> list[int]:
@@ -77,7 +63,7 @@ def run_train(cfg: Config, out: Path, **kwargs) -> list[int]:
     try:
         train(cfg, out, step_callback=record, **kwargs)
     finally:
-        _reset_accelerate()
+        reset_accelerate()  # between two train() calls in one test
     return steps
 
 
@@ -212,7 +198,7 @@ def test_resume_in_the_second_stage_skips_the_first_and_is_exact(tmp_path, caplo
     # a named checkpoint cannot be honoured stage by stage: refused, not silently replaced by the newest one
     with pytest.raises(UserError, match=r"a run with train.stages resumes as a whole: give --resume without a path"):
         train(cfg, cut, resume=second / "checkpoints" / "step-2")
-    _reset_accelerate()
+    reset_accelerate()  # between two train() calls in one test
 
     with caplog.at_level("INFO", logger="allspark.training"):
         assert run_train(cfg, cut, resume=True) == [5, 6, 7, 8, 9], "stage 1 skipped, stage 2 from step 4"
