@@ -189,10 +189,17 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--allow-download", action="store_true",
                    help="allow loading a Hugging Face hub id that the checkpoint's config names as its LLM (may "
                         "download it); refused otherwise")
+    p.add_argument("--labels", type=Path, metavar="FILE",
+                   help="a verbalizer checkpoint only: class names, one per line (line i names class i), scored "
+                        "instead of the trained names, with no weight changed (synonyms, another language); "
+                        "default --output-dir: CHECKPOINT/eval_<file stem>")
     args = p.parse_args(argv)
     from allspark.multitask import evaluate_joint, is_joint_checkpoint
 
     if is_joint_checkpoint(args.checkpoint):
+        if args.labels is not None:
+            raise UserError(f"--labels {args.labels}: not supported for a joint checkpoint; load the task's model "
+                            "(AllSpark.from_pretrained) and call model.head.set_choices(names)")
         metrics = evaluate_joint(args.checkpoint, tasks=[args.modality] if args.modality else None,
                                  data_root=args.data_root, output_dir=args.output_dir, split=args.split)
         _print_joint_summary(metrics, (args.output_dir or (args.checkpoint / "eval")) / "metrics.json")
@@ -201,8 +208,9 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
         p.error("the following arguments are required: --modality")
     metrics = evaluate_checkpoint(args.checkpoint, modality=args.modality, data_root=args.data_root,
                                   output_dir=args.output_dir, split=args.split,
-                                  trust_remote_code=args.trust_remote_code, allow_download=args.allow_download)
-    out = args.output_dir or (args.checkpoint / "eval")
+                                  trust_remote_code=args.trust_remote_code, allow_download=args.allow_download,
+                                  labels=args.labels)
+    out = args.output_dir or (args.checkpoint / ("eval" if args.labels is None else f"eval_{args.labels.stem}"))
     _print_summary(metrics, out / "metrics.json")
     return 0
 
@@ -308,6 +316,10 @@ def predict_main(argv: Sequence[str] | None = None, prog: str = "python -m allsp
     p.add_argument("--num-workers", type=_workers, metavar="N|auto",
                    help="DataLoader worker processes (default: the checkpoint config's data.num_workers, auto)")
     p.add_argument("--modality", help="refuse a checkpoint of another modality")
+    p.add_argument("--labels", type=Path, metavar="FILE",
+                   help="a verbalizer checkpoint only: candidate class names, one per line, scored instead of the "
+                        "trained names (any number of two or more: a class never trained on can be named); "
+                        "pred and class_name index these names")
     p.add_argument("--trust-remote-code", action="store_true", help="as for evaluate.py")
     p.add_argument("--allow-download", action="store_true", help="as for evaluate.py")
     args = p.parse_args(argv)
@@ -316,7 +328,8 @@ def predict_main(argv: Sequence[str] | None = None, prog: str = "python -m allsp
     written = predict(args.checkpoint, args.input, args.out, fmt=args.format, batch_size=args.batch_size,
                       device=args.device, mixed_precision=args.mixed_precision, top_k=args.top_k,
                       data_root=args.data_root, modality=args.modality, num_workers=args.num_workers,
-                      trust_remote_code=args.trust_remote_code, allow_download=args.allow_download)
+                      trust_remote_code=args.trust_remote_code, allow_download=args.allow_download,
+                      labels=args.labels)
     from accelerate import PartialState
 
     if PartialState().is_main_process:

@@ -24,6 +24,7 @@ def evaluate_checkpoint(
     mixed_precision: str = "auto",
     trust_remote_code: bool = False,
     allow_download: bool = False,
+    labels: str | Path | None = None,
 ) -> dict[str, Any]:
     """``mixed_precision``: the autocast of evaluation, ``auto`` (bf16 where the device runs it natively unless
     the checkpoint pins its LLM to float32, see allspark.precision), ``no``, ``bf16`` or ``fp16``.
@@ -31,7 +32,9 @@ def evaluate_checkpoint(
     hub id the checkpoint's config names; the checkpoint cannot grant either (see ``AllSpark.from_pretrained``).
     ``checkpoint``: a local folder, or a Hugging Face Hub id ``namespace/name[@revision]`` that no local path has
     (downloaded into huggingface_hub's cache: ``output_dir`` is then required, and the model card is not rewritten
-    there)."""
+    there). ``labels``: a text file of class names (one per line, line ``i`` naming class ``i``) that replaces a
+    verbalizer head's names for this evaluation only (zero-shot label sets: synonyms, another language); the
+    metrics then go to ``CHECKPOINT/eval_<file stem>`` by default, and the model card is left as it is."""
     from allspark.errors import UserError
     from allspark.hub import hub_checkpoint_id, resolve_pretrained
 
@@ -42,13 +45,20 @@ def evaluate_checkpoint(
     ckpt = resolve_checkpoint(checkpoint)
     model = AllSpark.from_pretrained(ckpt, trust_remote_code=trust_remote_code, allow_download=allow_download)
     cfg = model.cfg
+    label_set = None
+    if labels is not None:
+        from heads.verbalizer import replace_label_set
+
+        label_set = {"file": str(labels),
+                     "names": replace_label_set(model, labels, num_classes=model.info.get("num_classes"))}
     accelerator = make_accelerator(mixed_precision=mixed_precision, llm_dtype=cfg.model.llm.dtype)
     precision = run_precision(model._llm, accelerator, mixed_precision, cfg.model.llm.dtype)
     if modality is not None and cfg.modality != modality:
         raise ConfigError(f"--modality {modality!r} but the checkpoint was trained on {cfg.modality!r}")
     if data_root is not None:
         cfg = from_dict(Config, apply_overrides(to_dict(cfg), {"data.root": data_root}))
-    out_dir = Path(output_dir) if output_dir is not None else checkpoint / "eval"
+    out_dir = Path(output_dir) if output_dir is not None else checkpoint / (
+        "eval" if labels is None else f"eval_{Path(labels).stem}")
     with accelerator.main_process_first():
         root = resolve_data_root(cfg)
     dataset = build_dataset(cfg, split, root)
@@ -66,6 +76,8 @@ def evaluate_checkpoint(
                                                          cfg.data.eval_batch_size, **loading)
         metrics.update(stats)
     metrics["precision"] = precision
+    if label_set is not None:
+        metrics["label_set"] = label_set
     metrics.update(evaluator.model_metrics(accelerator.unwrap_model(model), dataset, accelerator))
     if accelerator.is_main_process:  # classical baselines fitted on the training split, scored on this one
         train_set = (dataset if split == "train" else build_dataset(cfg, "train", root)) if baselines else None
@@ -77,7 +89,8 @@ def evaluate_checkpoint(
         report = evaluator.report(gathered[split], metrics, extras, out_dir,
                                   f"AllSpark evaluation: {cfg.modality} ({split})")
         _add_training_curves(report, checkpoint, ckpt, cfg)
-        if hub_id is None:  # a downloaded checkpoint's card is the repository's; the cache is not the user's folder
+        if hub_id is None and label_set is None:  # a downloaded checkpoint's card is the repository's; a replaced
+            # label set is this evaluation's, not the checkpoint's
             from allspark.model_card import write_model_card
 
             unwrapped = accelerator.unwrap_model(model)

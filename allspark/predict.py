@@ -208,8 +208,13 @@ class Predictor:
                             f"found shape {list(value.shape)}")
         return value.astype(dtype)
 
+    #: the names a ``--labels`` file put in place of the trained ones (``predict(labels=...)``), else None
+    label_set: list[str] | None = None
+
     @property
     def class_names(self) -> list[str]:
+        if self.label_set is not None:
+            return list(self.label_set)
         k = int(self.info.get("num_classes") or 0)
         names = self.info.get("class_names") or []
         return [str(n) for n in names] if len(names) == k else [str(i) for i in range(k)]
@@ -939,6 +944,7 @@ def predict(
     num_workers: int | str | None = None,
     trust_remote_code: bool = False,
     allow_download: bool = False,
+    labels: str | Path | None = None,
 ) -> dict[str, Path]:
     """Predict ``inputs`` with ``checkpoint`` and write the predictions to ``out``; returns the written files
     (role -> path: ``predictions``, or ``map``/``preview``/``legend`` for a scene).
@@ -950,7 +956,9 @@ def predict(
     ``data_root``: the training data, for the statistics a reader fits on the training split (see the module
     docstring). ``num_workers``: DataLoader workers (``auto`` or a number; default: the config's
     ``data.num_workers``; ``data.pin_memory`` and ``data.persistent_workers`` apply too). ``trust_remote_code`` /
-    ``allow_download``: as for ``evaluate.py``."""
+    ``allow_download``: as for ``evaluate.py``. ``labels``: a text file of
+    candidate class names (one per line; two or more, any number) that a verbalizer checkpoint scores instead of
+    its trained names, no weight changed; ``pred`` and ``class_name`` then index these names."""
     from allspark.model import AllSpark
     from allspark.precision import run_precision
 
@@ -988,6 +996,10 @@ def predict(
     dataset = predictor.load(paths)
     logger.info("predicting %d %s with %s", len(dataset), "pixels" if predictor.kind == "scene" else "inputs", ckpt)
     model = AllSpark.from_pretrained(ckpt, trust_remote_code=trust_remote_code, allow_download=allow_download)
+    if labels is not None:
+        from heads.verbalizer import replace_label_set
+
+        predictor.label_set = replace_label_set(model, labels)
     mp = mixed_precision or cfg.train.mixed_precision
     accelerator = _accelerator(device, mp, cfg.model.llm.dtype)
     precision = run_precision(model._llm, accelerator, mp, cfg.model.llm.dtype)

@@ -110,6 +110,27 @@ def read_label_file(path: str | Path) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
+def replace_label_set(model: nn.Module, path: str | Path, *, num_classes: int | None = None) -> list[str]:
+    """Zero-shot label set for ``evaluate.py --labels`` / ``allspark predict --labels``: the names in ``path``
+    (one per line, as :func:`read_label_file` reads them) replace the trained model's candidate names; no weight
+    changes. ``num_classes``: the count the names must have (evaluation scores against the dataset's labels, so
+    name ``i`` stands for class ``i``); ``None`` (prediction) takes any list of two or more names, e.g. one with a
+    class never trained on. Returns the names."""
+    head = getattr(model, "head", None)
+    if not callable(getattr(head, "set_choices", None)):
+        kind = type(head).__name__ if head is not None else "none"
+        raise UserError(f"--labels {path}: a label file replaces the class names of a verbalizer head, but this "
+                        f"checkpoint's head is {kind}, which has no names to replace (train with "
+                        "model.head.type=verbalizer)")
+    names = read_label_file(path)
+    if num_classes is not None and len(names) != int(num_classes):
+        raise UserError(f"--labels {path}: evaluation scores the names against the dataset's {int(num_classes)} "
+                        f"classes (line i names class i), so the file needs {int(num_classes)} names; it has "
+                        f"{len(names)}. For another number of classes use `allspark predict --labels`")
+    head.set_choices(names, where=f"label file {path}")
+    return names
+
+
 @HEADS.register("verbalizer")
 class VerbalizerHead(nn.Module):
     """Class names scored by the LLM's LM head after the sample; cross-entropy over the names. No parameters.

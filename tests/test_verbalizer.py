@@ -8,6 +8,7 @@ the uncached continuation; the tests allow 1e-4 (a position id off by one moves 
 """
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -186,23 +187,92 @@ def test_training_loss_falls_and_a_new_label_set_changes_pred_not_weights(tmp_pa
         VerbalizerHead(model.hidden_size, llm=model._llm, labels=str(labels), info=train.info())
 
 
-def test_train_py_run_with_the_verbalizer_saves_and_reloads(tmp_path):
-    """``model.head.type=verbalizer`` through the training loop: it runs, logs its loss, writes metrics, and
-    the best checkpoint reloads (the head rebuilt from the config) with the same predictions."""
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A 6-step ``train.py`` run of the HSI demo with the verbalizer head: (run folder, its test metrics)."""
     from allspark.training import train
 
     cfg = load_config("hsi", overrides=TINY_HSI + VERBALIZER + [
         "train.epochs=1", "train.max_steps=6", "train.log_every_steps=1", "eval.baselines=[]"])
-    metrics = train(cfg, tmp_path / "run")
+    run = tmp_path_factory.mktemp("verbalizer") / "run"
+    return run, train(cfg, run)
+
+
+def test_train_py_run_with_the_verbalizer_saves_and_reloads(trained_run):
+    """``model.head.type=verbalizer`` through the training loop: it runs, logs its loss, writes metrics, and
+    the best checkpoint reloads (the head rebuilt from the config) with the same predictions."""
+    run, metrics = trained_run
     assert 0.0 <= metrics["OA"] <= 1.0 and metrics["num_samples"] > 0
-    losses = [r["loss"] for r in map(json.loads, (tmp_path / "run" / "log.jsonl").read_text().splitlines())
-              if "loss" in r]
+    losses = [r["loss"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "loss" in r]
     assert len(losses) >= 5 and all(torch.isfinite(torch.tensor(losses)))
-    model = AllSpark.from_pretrained(tmp_path / "run" / "best")
+    model = AllSpark.from_pretrained(run / "best")
     assert isinstance(model.head, VerbalizerHead) and model.head.choices == model.info["class_names"]
     data = build_dataset(model.cfg, "test")
     batch = data.collate([data[i] for i in range(4)])
     assert model.predict(batch)["pred"].shape == (4,)
+
+
+def test_evaluate_and_predict_take_a_label_file_and_change_no_weight(trained_run, tmp_path):
+    """``evaluate.py --labels FILE`` / ``allspark predict --labels FILE``: the file's names are scored instead of the
+    trained ones. The trained names in their own order give the same metrics as no file; two names swapped
+    swap exactly those two predictions (every score is a name's own); the checkpoint and its model card are
+    untouched, and the metrics go to eval_<stem> with the names recorded. Bad files: one clear error each."""
+    import scipy.io
+    import tifffile
+
+    from allspark.cli import evaluate_main, predict_main
+    from allspark.data import resolve_data_root
+    from heads.verbalizer import replace_label_set
+
+    run, trained = trained_run
+    best = run / "best"
+    files = {p.name: p.read_bytes() for p in sorted(best.rglob("*")) if p.is_file()}
+    names = AllSpark.from_pretrained(best).head.choices
+    same = tmp_path / "same.txt"
+    same.write_text("\n".join(names) + "\n")
+    assert evaluate_main(["--modality", "hsi", "--checkpoint", str(run), "--labels", str(same)]) == 0
+    relabelled = json.loads((run / "eval_same" / "metrics.json").read_text())
+    assert relabelled["OA"] == trained["OA"] and relabelled["AA"] == trained["AA"]  # train.py's test of best/
+    assert relabelled["label_set"] == {"file": str(same), "names": names}
+    assert {p.name: p.read_bytes() for p in sorted(best.rglob("*")) if p.is_file()} == files
+
+    cube = scipy.io.loadmat(resolve_data_root(AllSpark.from_pretrained(best).cfg) / "PaviaU.mat")["paviaU"]
+    scene = tmp_path / "corner.tif"  # a 12 x 12 corner of the demo scene: 144 pixels to predict
+    tifffile.imwrite(scene, cube[:12, :12], photometric="minisblack", planarconfig="contig")
+
+    def predicted(tag, *labels):
+        out = tmp_path / f"pred_{tag}"
+        assert predict_main(["--checkpoint", str(run), "--input", str(scene), "--out", str(out), *labels]) == 0
+        return json.loads((out / "classmap.json").read_text()), tifffile.imread(out / "classmap.tif")
+
+    legend, plain_map = predicted("plain")
+    a, b = np.argsort(-np.bincount(plain_map.ravel(), minlength=9), kind="stable")[:2]  # the two commonest
+    order = list(names)
+    order[a], order[b] = names[b], names[a]
+    swapped = tmp_path / "swapped.txt"
+    swapped.write_text("\n".join(order) + "\n")
+    swapped_legend, swapped_map = predicted("swapped", "--labels", str(swapped))
+    assert swapped_legend["class_names"] == order
+    expected = plain_map.copy()  # classes a and b trade places; every other pixel keeps its class
+    expected[plain_map == a], expected[plain_map == b] = b, a
+    assert (plain_map == a).any() and np.array_equal(swapped_map, expected)
+    assert {r["class_name"]: r["pixels"] for r in swapped_legend["predictions"]} == \
+        {r["class_name"]: r["pixels"] for r in legend["predictions"]}  # each name keeps its pixels
+
+    model = AllSpark.from_pretrained(best)
+    bad = tmp_path / "short.txt"
+    bad.write_text("\n".join(names[:-1]) + "\n")
+    with pytest.raises(UserError, match=r"--labels .*short.txt: .* 9 classes .* needs 9 names; it has 8"):
+        replace_label_set(model, bad, num_classes=9)
+    with pytest.raises(UserFileNotFoundError, match=r"label file .*missing.txt does not exist"):
+        replace_label_set(model, tmp_path / "missing.txt")
+    dup = tmp_path / "dup.txt"
+    dup.write_text("\n".join([names[0], *names[:-1]]) + "\n")
+    with pytest.raises(ConfigError, match=r"label file .*dup.txt: class names .* are the same answer"):
+        replace_label_set(model, dup, num_classes=9)
+    linear = AllSpark.from_config(load_config("hsi", overrides=TINY_HSI), build_dataset(model.cfg, "train").info())
+    with pytest.raises(UserError, match=r"head is ClassificationHead, which has no names to replace"):
+        replace_label_set(linear, same)
 
 
 def test_bad_label_sets_are_one_clear_error(prompt_first, tmp_path):
