@@ -67,6 +67,8 @@ class AuxiliaryLoss:
     name: str = "auxiliary"
     #: the term's weight in the training loss
     weight: float = 1.0
+    #: whether the term runs the bridge (which then trains even where the head reads nothing of the LLM)
+    uses_bridge: bool = False
 
     def parts(self) -> dict[str, nn.Module]:
         """The modules to register on the model, by name (the checkpoint prefix of their weights)."""
@@ -105,6 +107,11 @@ class AlignmentLoss(AuxiliaryLoss):
         self.objective = build_objective({"type": cfg.objective, **cfg.args})
         widths = [e.out_dim if cfg.level == "encoders" else parts.hidden_size for e in parts.encoders]
         self.proj = nn.ModuleList(nn.Linear(w, cfg.dim) for w in widths)
+
+    @property
+    def uses_bridge(self) -> bool:
+        """Whether the term runs (and so trains) the bridge: ``level: bridge``."""
+        return self.level == "bridge"
 
     def parts(self) -> dict[str, nn.Module]:
         return {"alignment": self.objective, "alignment_proj": self.proj}

@@ -15,6 +15,9 @@ and the registries resolve them. A task with no encoder whose batch carries raw 
 - ``modality_first``: the paper's ``[bridge tokens s_i | prompt tokens T(p_i) | padding]`` (eq. 2), right-padded
   with an attention mask so batched rows of different prompt lengths are exact; the heads read the last prompt
   token.
+
+A head that declares ``uses_llm = False`` (the segmentation head with ``conditioning: none``) removes the LLM path:
+the model runs the encoders and the head only (see :attr:`AllSpark.uses_llm`).
 """
 from __future__ import annotations
 
@@ -120,6 +123,7 @@ class AllSpark(nn.Module):
         # Tasks with no encoder take raw text (``input_text``/``target_text``), tokenised by the model.
         self.text_codec = TextCodec(tok, mcfg.text_input) if not len(self.encoders) else None
         self._hold_parameters(getattr(cfg.train, "train_only", None) or [])
+        self._hold_unused_path(shared_llm=llm is not None)
 
     def _hold_parameters(self, patterns: list[str]) -> None:
         """``train.train_only``: only trainable parameters whose name matches one of these shell patterns
@@ -368,15 +372,45 @@ class AllSpark(nn.Module):
             prompt_index = self.choose_prompts(len(text_list(batch, TEXT_INPUT_KEY)), self.prompt_ids.device)
         return [self.prompt_ids[i, : self.prompt_lengths[i]].tolist() for i in prompt_index.tolist()]
 
+    @property
+    def uses_llm(self) -> bool:
+        """Whether the head reads the language model's output. A head that declares ``uses_llm = False`` (the
+        segmentation head with ``conditioning: none``: the ablation with the LLM path removed) gets ``None`` for
+        it: :meth:`forward` runs the encoders only (they may leave what the head reads in the batch, as the dense
+        encoders' feature maps), never the bridge or the language model, in training, evaluation and prediction,
+        and the parameters only that path trains (the adapters, the bridge unless an auxiliary loss uses it) are
+        held (:meth:`_hold_unused_path`)."""
+        return bool(getattr(self.head, "uses_llm", True))
+
+    def _hold_unused_path(self, shared_llm: bool = False) -> None:
+        """With a head that reads nothing of the LLM (:attr:`uses_llm` False), hold the trainable parameters of
+        the path it removes -- the LLM's adapters (unless the LLM is shared with other tasks, ``shared_llm``), and
+        the bridge unless an auxiliary loss runs it (``model.alignment.level: bridge``) -- as ``train.train_only``
+        holds: no gradient, not in the optimizer (so a multi-process run has no unused parameter), still in the
+        checkpoint (its layout does not change)."""
+        if self.uses_llm:
+            return
+        bridge_used = any(getattr(loss, "uses_bridge", False) for loss in self.auxiliary.losses.values())
+        for name, p in self.named_parameters():
+            if p.requires_grad and ((name.startswith("llm.") and not shared_llm)
+                                    or (name.startswith("bridge.") and not bridge_used)):
+                p.requires_grad_(False)
+                self._held.add(name)
+
     def forward(self, batch: dict[str, Any]) -> Output:
         """encode -> (auxiliary losses, training only) -> language model -> head -> the weighted sum of the losses.
-        With a task weight of 0 (an auxiliary-only stage) training batches skip the language model and the head."""
-        if not (self.training and self.auxiliary):
+        With a task weight of 0 (an auxiliary-only stage) training batches skip the language model and the head;
+        with a head that reads nothing of the LLM (:attr:`uses_llm` False) every batch skips the bridge and the
+        language model (the head gets ``None`` for their output)."""
+        auxiliary = self.training and bool(self.auxiliary)
+        if not auxiliary and self.uses_llm:
             return self.head(self.run_llm(batch), batch)
         token_sets = self.encode_tokens(batch)
-        terms = self.auxiliary.terms(self, batch, token_sets)
-        out = self.head(self.run_llm(batch, token_sets), batch) if self.auxiliary.task_weight != 0 else None
-        return self.auxiliary.combine(out, terms)
+        terms = self.auxiliary.terms(self, batch, token_sets) if auxiliary else {}
+        out = None
+        if not auxiliary or self.auxiliary.task_weight != 0:
+            out = self.head(self.run_llm(batch, token_sets) if self.uses_llm else None, batch)
+        return self.auxiliary.combine(out, terms) if auxiliary else out
 
     @torch.no_grad()
     def predict(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -24,6 +24,10 @@ reader (config)               input                                           ou
                                                                               window: the future positions
 ``metr_la`` (graph)           one sensor-readings ``.h5`` (HDFStore)          one forecast per input window: the
                                                                               next readings of every sensor
+``vaihingen``, ``globe230k``  folders of tiles in the reader's layout         one label map per tile (PNG in the
+(segmentation)                (``top/`` + ``dsm/``; ``rgb/``, ``ndvi/`` ...)  dataset's coding; a GeoTIFF too for
+                                                                              georeferenced tiles) and a table of
+                                                                              the tiles
 ============================  ==============================================  =====================================
 
 What comes from where:
@@ -114,7 +118,8 @@ class Predictor:
 
     #: the reader names (``data.dataset``) this predictor serves
     datasets: ClassVar[tuple[str, ...]] = ()
-    #: ``rows``: a CSV/JSON table of predictions; ``scene``: a class map (GeoTIFF + PNG) and a legend
+    #: ``rows``: a CSV/JSON table of predictions; ``scene``: a class map (GeoTIFF + PNG) and a legend; ``tiles``: a
+    #: label map per input tile and a table of the tiles
     kind: ClassVar[str] = "rows"
     #: what the input is, for messages and ``--help``
     input_help: ClassVar[str] = ""
@@ -238,6 +243,11 @@ class Predictor:
 
     def rows(self, dataset, gathered: dict[str, np.ndarray]) -> list[dict[str, Any]]:
         raise NotImplementedError
+
+    def input_outputs(self, out: Path) -> dict[str, Path]:
+        """Outputs named after the input (known once :meth:`load` has read it), beside :meth:`outputs`' ones;
+        none by default."""
+        return {}
 
     def outputs(self, out: Path, fmt: str | None) -> dict[str, Path]:
         """The files ``write`` makes: ``{"predictions": out}`` (a file) or ``out/predictions.<fmt>``."""
@@ -827,6 +837,152 @@ def write_preview(path: Path, classes: np.ndarray, class_names: Sequence[str], t
     plt.close(fig)
 
 
+# -- segmentation tiles ------------------------------------------------------------------------------------------
+
+
+def read_geotags(path: Path) -> list[tuple[int, int, int, Any]]:
+    """The GeoTIFF georeferencing tags of a TIFF file's first page (none for another format)."""
+    if path.suffix.lower() not in TIFF_SUFFIXES:
+        return []
+    import tifffile
+
+    from allspark.data.base import DatasetFormatError
+
+    try:
+        with tifffile.TiffFile(str(path)) as tf:
+            return [(t.code, int(t.dtype), t.count, t.value) for t in tf.pages[0].tags.values() if t.code in GEO_TAGS]
+    except Exception as exc:  # tifffile raises TiffFileError, ValueError, struct.error ... on bad files
+        raise DatasetFormatError(f"cannot decode TIFF {path}: {type(exc).__name__}: {exc}") from exc
+
+
+class SegmentationPredictor(Predictor):
+    """Folders of tiles in a segmentation reader's layout (Vaihingen: ``top/`` and ``dsm/``; Globe230k: ``rgb/``,
+    ``ndvi/``, ``dem/``, ``sar/`` as the checkpoint's modalities; no labels or split lists needed) -> one label
+    map per tile, ``<tile>.png`` in the dataset's own label coding (Vaihingen: the contest's colours; Globe230k:
+    the class values 1..10), a class-index GeoTIFF ``<tile>.tif`` beside it where the tile's first raster is a
+    georeferenced TIFF (its georeferencing copied), and ``predictions.<format>`` (default json): one row per tile
+    with its files, size and pixels per class. The tiles are read and checked by the reader's own code,
+    standardised with the training split's statistics (``data_info.json``), cut into the windows of evaluation
+    (``data.args.patch`` / ``stride``) and stitched as evaluation stitches them (owned parts), so the maps are
+    evaluate.py's predictions."""
+
+    datasets = ("vaihingen", "globe230k")
+    kind = "tiles"
+    input_help = ("folders in the reader's layout (vaihingen: top/ and dsm/; globe230k: rgb/, ndvi/, dem/, sar/); "
+                  "labels not needed")
+    pred_keys = ("pred",)
+
+    def outputs(self, out, fmt):
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"--out {out}: a segmentation checkpoint writes one label map per tile; name a folder")
+        if out.suffix.lower() in (*TIFF_SUFFIXES, ".png", ".csv", ".json"):
+            raise ConfigError(f"--out {out}: a segmentation checkpoint writes one label map per tile into a folder; "
+                              "name a folder (without a file suffix)")
+        return {"predictions": out / f"predictions.{fmt or 'json'}"}
+
+    def load(self, inputs):
+        from allspark.data.base import DatasetFormatError
+
+        args = self.reader_args()
+        extra = args.pop("reader_args", {}) or {}
+        for name in ("self", "root", "split", "train_stride", "augment"):
+            args.pop(name, None)
+        patch = int(self.info.get("patch", args.pop("patch")))
+        args.pop("patch", None)
+        stride = args.pop("stride")
+        stride = patch if stride is None else int(stride)
+        stats = self.fitted(tuple(self.info["raster_keys"]))
+        channels = self.info["channels"]
+        source = f"the checkpoint {self.checkpoint}"
+        cls = self.reader_class()
+        readers, names = [], {}
+        for folder in inputs:
+            if not folder.is_dir():
+                raise ConfigError(f"--input {folder}: a {self.cfg.modality} checkpoint predicts the tiles of folders "
+                                  f"in the {self.cfg.data.dataset} layout ({self.input_help}); give the folder")
+            reader = cls.for_prediction(folder, stats, channels, patch=patch, stride=stride, source=source,
+                                        **{**args, **extra})
+            for t in reader.tile_ids:
+                name = reader.tile_name(t)
+                if name in names:
+                    raise DatasetFormatError(f"--input: the tile {name} is in both {names[name]} and {folder}; "
+                                             "each tile's map is written under its name")
+                names[name] = folder
+            readers.append(reader)
+        self.readers = readers
+        self.tiles = [(r, t, r.tile_name(t), r.tile_files(t)[0]) for r in readers for t in r.tile_ids]
+        self.geo = [read_geotags(Path(first)) for *_, first in self.tiles]
+        return _Tiles(readers)
+
+    def input_outputs(self, out: Path) -> dict[str, Path]:
+        """The files that depend on the input: per tile its PNG (and GeoTIFF where georeferenced)."""
+        targets = {}
+        for (_, _, name, _), geo in zip(self.tiles, self.geo):
+            targets[f"{name}.png"] = out / f"{name}.png"
+            if geo:
+                targets[f"{name}.tif"] = out / f"{name}.tif"
+        return targets
+
+    def run(self, model, dataset, accelerator, batch_size, loading=None):
+        from allspark.data import build_loader
+        from allspark.evaluation import collect_predictions
+        from allspark.evaluation.segmentation import stitched_maps
+
+        loader = accelerator.prepare(build_loader(dataset, batch_size, **(loading or {})))
+        got = collect_predictions(model, loader, accelerator, self.pred_keys, ("tile", "window", "owned", "index"),
+                                  "predict", inference_mode=True)
+        maps = stitched_maps(got, "pred")  # the evaluation's stitching (owned parts of the windows)
+        for t, m in maps.items():
+            if (m < 0).any():
+                raise RuntimeError(f"predict: {int((m < 0).sum())} pixels of tile {self.tiles[t][2]} are owned by no "
+                                   "window")
+        return {"maps": [maps[t].astype(np.int64) for t in range(len(self.tiles))]}
+
+    def write(self, staged, targets, fmt, result, meta):
+        import tifffile
+        from PIL import Image
+
+        k = len(self.class_names)
+        rows = []
+        for (reader, _, name, first), geo, classes in zip(self.tiles, self.geo, result["maps"]):
+            Image.fromarray(reader.encode_labels(classes)).save(staged[f"{name}.png"], format="PNG")
+            row = {"tile": name, "input": str(first), "height": int(classes.shape[0]), "width": int(classes.shape[1]),
+                   "map": str(targets[f"{name}.png"])}
+            if geo:
+                extratags = [(code, dtype_, count, value, True) for code, dtype_, count, value in geo]
+                tifffile.imwrite(str(staged[f"{name}.tif"]), classes.astype(np.uint8 if k <= 255 else np.uint16),
+                                 photometric="minisblack", extratags=extratags, metadata=None,
+                                 description=json.dumps({"allspark": "class map", "class_names": self.class_names}))
+                row["geotiff"] = str(targets[f"{name}.tif"])
+            counts = np.bincount(classes.ravel(), minlength=k)
+            row.update({f"pixels_{n}": int(c) for n, c in zip(self.class_names, counts)})
+            rows.append(row)
+        coding = "colours (the dataset's palette)" if self.info.get("palette") else "label values"
+        write_rows(staged["predictions"], fmt, rows, {**meta, "num_predictions": len(rows), "png_coding": coding,
+                                                      "palette": self.info.get("palette")})
+
+
+class _Tiles(Dataset):
+    """The windows of several prediction readers as one dataset; ``tile`` numbers the tiles across them."""
+
+    def __init__(self, readers) -> None:
+        self.readers = readers
+        self.starts = np.cumsum([0] + [len(r) for r in readers])
+        self.tile_starts = np.cumsum([0] + [len(r.tile_ids) for r in readers])
+        self.collate = readers[0].collate
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        r = int(np.searchsorted(self.starts, i, side="right") - 1)
+        item = dict(self.readers[r][i - int(self.starts[r])])
+        item.pop("label", None)
+        item["tile"] = item["tile"] + int(self.tile_starts[r])
+        item["index"] = torch.tensor(i, dtype=torch.int64)
+        return item
+
+
 # -- writing ----------------------------------------------------------------------------------------------------
 
 
@@ -855,7 +1011,7 @@ def write_rows(path: Path, fmt: str, rows: list[dict[str, Any]], meta: dict[str,
 
 PREDICTORS: dict[str, type[Predictor]] = {
     name: cls for cls in (ImageClassificationPredictor, TextClassificationPredictor, TablePredictor,
-                              TrajectoryPredictor, GraphForecastPredictor, ScenePredictor)
+                              TrajectoryPredictor, GraphForecastPredictor, ScenePredictor, SegmentationPredictor)
     for name in cls.datasets
 }
 
@@ -929,6 +1085,15 @@ def _input_paths(inputs: Sequence[str | Path]) -> list[Path]:
     return paths
 
 
+def _check_targets(targets: dict[str, Path], inputs: set[Path]) -> None:
+    """No output may replace a folder or an input file."""
+    for path in targets.values():
+        if path.exists() and path.is_dir():
+            raise ConfigError(f"--out: {path} is a folder; it would be replaced by a file")
+        if path.resolve() in inputs:
+            raise ConfigError(f"--out: {path} is an input; predict does not overwrite its input")
+
+
 def predict(
     checkpoint: str | Path,
     inputs: Sequence[str | Path],
@@ -987,14 +1152,14 @@ def predict(
     targets = predictor.outputs(out, fmt)
     fmt = targets["predictions" if "predictions" in targets else "legend"].suffix.lstrip(".")
     given = {p.resolve() for p in paths if p.is_file()}
-    for path in targets.values():
-        if path.exists() and path.is_dir():
-            raise ConfigError(f"--out: {path} is a folder; it would be replaced by a file")
-        if path.resolve() in given:
-            raise ConfigError(f"--out: {path} is an input; predict does not overwrite its input")
+    _check_targets(targets, given)
 
     dataset = predictor.load(paths)
-    logger.info("predicting %d %s with %s", len(dataset), "pixels" if predictor.kind == "scene" else "inputs", ckpt)
+    more = predictor.input_outputs(out)  # files named after the input (a segmentation map per tile)
+    _check_targets(more, {f.resolve() for p in paths if p.is_dir() for f in p.rglob("*") if f.is_file()})
+    targets = {**targets, **more}
+    logger.info("predicting %d %s with %s", len(dataset),
+                {"scene": "pixels", "tiles": "windows"}.get(predictor.kind, "inputs"), ckpt)
     model = AllSpark.from_pretrained(ckpt, trust_remote_code=trust_remote_code, allow_download=allow_download)
     if labels is not None:
         from heads.verbalizer import replace_label_set
@@ -1009,7 +1174,7 @@ def predict(
     loading = resolve_loader_options(workers, cfg.data.pin_memory, cfg.data.persistent_workers, accelerator.device)
     gathered = predictor.run(model, dataset, accelerator, bs, loading)
     if accelerator.is_main_process:
-        result = gathered if predictor.kind == "scene" else {"rows": predictor.rows(dataset, gathered)}
+        result = gathered if predictor.kind != "rows" else {"rows": predictor.rows(dataset, gathered)}
         meta = {"checkpoint": str(ckpt), "modality": cfg.modality, "dataset": cfg.data.dataset,
                 "class_names": predictor.class_names if "num_classes" in info else None,
                 "num_predictions": len(dataset), "batch_size": bs, "precision": precision}
@@ -1038,7 +1203,7 @@ def ask(checkpoint: str | Path, inputs: Sequence[str | Path], question: str, *, 
     ckpt, cfg, info = _open_checkpoint(checkpoint)
     paths = _input_paths(inputs)
     predictor = build_predictor(cfg, info, ckpt, data_root=data_root)
-    if predictor.kind == "scene":
+    if predictor.kind != "rows":
         raise ConfigError(f"ask answers per input; a {cfg.modality} checkpoint classifies a scene pixel by pixel: "
                           "use `allspark predict` for its class map")
     dataset = predictor.load(paths)

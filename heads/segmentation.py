@@ -19,9 +19,10 @@ pyramids in the batch (``batch["dense_features"][key]``: level ``l`` at stride `
    - ``cross_attention``: the coarsest level's pixels attend (multi-head, scaled dot product) over the LLM's
      hidden states at the bridge-token positions, and the result is added to them through an output projection
      initialised at zero;
-   - ``none``: the ablation without the LLM: the same encoders and decoder, nothing of the LLM reaches the
-     predictions (the model still runs the LLM forward, unused: ``allspark/model.py`` has no switch to skip it;
-     its adapters and the bridge then get no gradient).
+   - ``none``: the ablation with the LLM path removed: the same encoders and decoder, and no LLM. The head then
+     declares ``uses_llm = False``, so the model (``AllSpark.forward``) runs the encoders only and never the bridge
+     or the language model, in training, evaluation and prediction (the head gets ``None`` for the LLM's output);
+     the adapters and the bridge, which nothing trains then, are held (kept in the checkpoint, not optimised).
 
 Loss: pixel-wise cross-entropy over the labelled pixels (``label`` -1 = no label), optionally class-weighted.
 Predictions: ``pred`` ``[B, H, W]`` (int16 class indices: a 16-bit map halves what evaluation gathers for large
@@ -98,6 +99,8 @@ class SegmentationHead(nn.Module):
             raise ValueError(f"segmentation: every encoder must give the same number of levels, got {dict(channels)}")
         self.levels = levels.pop()
         self.conditioning, self.pooling, self.label_key = conditioning, pooling, label_key
+        #: read by AllSpark.forward: without conditioning the bridge and the LLM are not run at all
+        self.uses_llm = conditioning != "none"
         self.ignore_index, self.output_logits = int(ignore_index), bool(output_logits)
         self.fuse = nn.ModuleList(nn.Conv2d(sum(int(channels[k][l]) for k in self.keys), width, 1)
                                   for l in range(self.levels))
@@ -137,10 +140,13 @@ class SegmentationHead(nn.Module):
             fused.append(self.fuse[l](torch.cat(parts, dim=1)))
         return fused
 
-    def forward(self, llm_out: LLMOutput, batch: dict[str, Any]) -> Output:
+    def forward(self, llm_out: LLMOutput | None, batch: dict[str, Any]) -> Output:
+        """``llm_out``: the LLM's output, or None with ``conditioning: none`` (the model does not run the LLM)."""
         maps = self._maps(batch)
         b = maps[0].shape[0]
         film = None
+        if self.conditioning != "none" and llm_out is None:
+            raise ValueError(f"segmentation: conditioning={self.conditioning} reads the LLM's output, got None")
         if self.conditioning == "film":
             film = self.film(self.neck(llm_out.pool(self.pooling).float())).reshape(b, self.levels, 2, self.width)
         y = None

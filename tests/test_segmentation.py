@@ -478,3 +478,180 @@ def test_tiny_globe230k_run_beats_the_per_pixel_baseline(tmp_path):
     # single pixels are noisy in every modality; the regions are not: context wins
     assert m["OA"] > best["OA"] + 0.05 and m["mIoU"] > best["mIoU"] + 0.05, (m["OA"], m["mIoU"], best)
     assert m["num_tiles"] == 20 and len(m["IoU"]) == 10
+
+
+# -- the LLM path removed (conditioning: none) --------------------------------------------------------------------
+
+def test_without_conditioning_the_llm_path_is_not_run(monkeypatch):
+    """``conditioning: none`` removes the LLM path: training (with an HGR term between the encoders), evaluation and
+    prediction run the encoders and the decoder only -- the bridge and the language model are never called -- the
+    prediction is what the decoder gives on the encoders' maps alone, and the adapters and the bridge are held
+    (kept in the checkpoint, not trained). With FiLM the LLM runs as before."""
+    from allspark.types import LLMOutput
+
+    model, train, _ = _demo_model(["model.head.args={width: 8, conditioning: none, output_logits: true}",
+                                   "model.alignment.objective=soft_hgr"], "train")
+    assert not model.uses_llm
+    held = sorted(model._held)
+    state = model.trainable_state_dict()
+    assert any("lora" in n for n in held) and any(n.startswith("bridge.") for n in held)
+    assert all(n.startswith(("llm.", "bridge.")) and not model.get_parameter(n).requires_grad for n in held)
+    assert set(held) <= set(state)  # the checkpoint's layout does not change
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the LLM path ran")
+
+    monkeypatch.setattr(model.language_model, "run", refuse)
+    monkeypatch.setattr(model.llm, "forward", refuse)
+    monkeypatch.setattr(model.bridge, "forward", refuse)
+    batch = train.collate([train[i] for i in range(8)])
+    model.train()
+    out = model(dict(batch))
+    assert torch.isfinite(out.loss) and "alignment" in out.extras
+    out.loss.backward()
+    for prefix in ("encoders.0.", "encoders.1.", "head."):
+        grads = [p.grad for n, p in model.named_parameters() if n.startswith(prefix) and p.requires_grad]
+        assert grads and any(g is not None and g.abs().sum() > 0 for g in grads), prefix
+    pred = model.predict(dict(batch))
+    alone = dict(batch)
+    model.eval()
+    with torch.no_grad():
+        model.encode_tokens(alone)  # the dense encoders leave their feature maps in the batch
+        garbage = LLMOutput(torch.randn(8, 4, model.hidden_size), torch.ones(8, 4, dtype=torch.bool),
+                            torch.full((8,), 3), 4)
+        decoder = model.head(garbage, alone).predictions
+    torch.testing.assert_close(pred["logits"], decoder["logits"])
+    assert torch.equal(pred["pred"], decoder["pred"])
+
+    film, _, _ = _demo_model(["model.head.args={width: 8, conditioning: film}"], "train")
+    assert film.uses_llm and all(p.requires_grad for n, p in film.named_parameters() if "lora" in n)
+    calls = []
+    run = film.language_model.run
+    monkeypatch.setattr(film.language_model, "run", lambda *a, **k: calls.append(1) or run(*a, **k))
+    film.predict(train.collate([train[i] for i in range(2)]))
+    assert calls
+
+
+@pytest.mark.parametrize("modality", ["vaihingen", "globe230k"])
+def test_hgr_between_the_paired_encoders_trains_every_encoder(modality):
+    """``model.alignment.objective=soft_hgr`` on the segmentation configs: the term is in the loss, and on its own
+    (``task_weight=0``) its gradient reaches every encoder."""
+    from allspark.config import load_config
+    from allspark.data import build_dataset
+    from allspark.model import AllSpark
+
+    cfg = load_config(modality, overrides=tiny_overrides(**{
+        "model.llm.dtype": "float32", "model.alignment.objective": "soft_hgr", "model.alignment.task_weight": 0}))
+    train = build_dataset(cfg, "train")
+    torch.manual_seed(0)
+    model = AllSpark(cfg, train.info())
+    model.train()
+    out = model(train.collate([train[i] for i in range(8)]))
+    assert torch.isfinite(out.extras["alignment"]) and out.loss.item() == pytest.approx(
+        -cfg.model.alignment.weight * out.extras["alignment"].item(), rel=1e-5)
+    out.loss.backward()
+    for i in range(len(cfg.model.encoders)):
+        grads = [p.grad for n, p in model.named_parameters() if n.startswith(f"encoders.{i}.")]
+        assert any(g is not None and g.abs().sum() > 0 for g in grads), i
+
+
+# -- allspark predict on tiles ------------------------------------------------------------------------------------
+
+SHORT = {"model.llm.dtype": "float32", "train.log_with": "none", "train.epochs": 1, "train.max_steps": 2,
+         "train.test_at_end": "false", "eval.baselines": "[]"}
+GEOKEYS = (1, 1, 0, 4, 1024, 0, 1, 1, 1025, 0, 1, 1, 3072, 0, 1, 32632, 3076, 0, 1, 9001)
+GEOTAGS = [(33550, "d", 3, (0.09, 0.09, 0.0), True), (33922, "d", 6, (0.0, 0.0, 0.0, 497000.0, 5420000.0, 0.0), True),
+           (34735, "H", len(GEOKEYS), GEOKEYS, True)]
+
+
+@pytest.mark.parametrize("modality", ["vaihingen", "globe230k"])
+def test_predict_writes_the_label_maps_evaluate_scores(modality, tmp_path, capsys):
+    """``allspark predict`` on the demo's test tiles (their rasters only, copied into a folder of the reader's
+    layout) writes one label map per tile in the dataset's coding, whose pixels give exactly evaluate.py's
+    confusion matrix; a georeferenced tile also gets a class GeoTIFF with its georeferencing. A tile with other
+    bands or a DSM off its orthophoto's grid is one clear error naming the file (exit 2) and no output."""
+    import shutil
+
+    from PIL import Image
+
+    from allspark.cli import predict_main, run_cli
+    from allspark.config import load_config
+    from allspark.data import build_dataset
+    from allspark.errors import UserError
+    from allspark.evaluate_run import evaluate_checkpoint
+    from allspark.predict import predict
+    from allspark.training import train
+
+    cfg = load_config(modality, overrides=tiny_overrides(**SHORT))
+    torch.manual_seed(0)
+    train(cfg, tmp_path / "run")
+    metrics = evaluate_checkpoint(tmp_path / "run", modality=modality, output_dir=tmp_path / "eval")
+    test = build_dataset(cfg, "test")
+    inputs = tmp_path / "tiles"
+    for t in test.tile_ids:
+        for key, f in zip(test.raster_keys, test.tile_files(t)):
+            (inputs / f.parent.name).mkdir(parents=True, exist_ok=True)
+            if modality == "vaihingen" and key == "top" and t == test.tile_ids[0]:  # a georeferenced orthophoto
+                tifffile.imwrite(inputs / "top" / f.name, tifffile.imread(f), photometric="rgb", extratags=GEOTAGS)
+            else:
+                shutil.copy(f, inputs / f.parent.name / f.name)
+    written = predict(tmp_path / "run", [inputs], tmp_path / "maps")
+    names = [test.tile_name(t) for t in test.tile_ids]
+    assert sorted(written) == sorted(["predictions", *(f"{n}.png" for n in names)]
+                                     + ([f"{names[0]}.tif"] if modality == "vaihingen" else []))
+    preds = []
+    for n, truth in zip(names, test.tile_labels()):
+        image = np.asarray(Image.open(written[f"{n}.png"]))
+        if modality == "vaihingen":
+            from allspark.data.segmentation_tiles import decode_palette
+
+            classes = decode_palette(image, VAIHINGEN_PALETTE, written[f"{n}.png"])  # the contest's colours
+        else:
+            assert image.dtype == np.uint8 and image.ndim == 2 and image.min() >= 1
+            classes = image.astype(np.int64) - 1  # the release's values 1..10
+        assert classes.shape == truth.shape
+        preds.append(classes)
+    pred, truth = np.concatenate([p.ravel() for p in preds]), np.concatenate([t.ravel() for t in test.tile_labels()])
+    again = segmentation_metrics(pred, truth, len(test.class_names), test.class_names,
+                                 cfg.eval.args.get("mean_classes"), ignore_index=-1)
+    assert again["confusion_matrix"] == metrics["confusion_matrix"], "evaluate.py's predictions, pixel for pixel"
+    assert again["OA"] == pytest.approx(metrics["OA"]) and len(np.unique(pred)) > 1
+    table = json.loads(written["predictions"].read_text())
+    assert [r["tile"] for r in table["predictions"]] == names
+    assert sum(v for k, v in table["predictions"][0].items() if k.startswith("pixels_")) == preds[0].size
+    if modality == "vaihingen":
+        with tifffile.TiffFile(written[f"{names[0]}.tif"]) as tf:
+            assert np.array_equal(tf.asarray(), preds[0])
+            tags = {t.code: t.value for t in tf.pages[0].tags.values()}
+        for code, _, _, value, _ in GEOTAGS:
+            assert tags[code] == value, code
+        assert "geotiff" not in table["predictions"][1]
+
+    # bad input: one clear line naming the file, exit 2, nothing written
+    first = test.tile_ids[0]
+    files = dict(zip(test.raster_keys, test.tile_files(first)))
+    key = test.raster_keys[1]
+    bad = inputs / files[key].parent.name / files[key].name
+    raster = tifffile.imread(bad)
+    tifffile.imwrite(bad, np.ascontiguousarray(raster[:-3]))  # off the first raster's grid
+    with pytest.raises(UserError, match=rf"{bad.name}: the .* is {raster.shape[0] - 3} x {raster.shape[1]} pixels"):
+        predict(tmp_path / "run", [inputs], tmp_path / "bad")
+    key = test.raster_keys[0]
+    top = inputs / files[key].parent.name / files[key].name
+    if modality == "vaihingen":
+        shutil.copy(files["dsm"], bad)
+        tifffile.imwrite(top, np.zeros(raster.shape[:2] + (4,), np.uint8), photometric="minisblack",
+                         planarconfig="contig")
+        expected = f"{top.name}: expected a 3-band 8-bit orthophoto"
+    else:
+        shutil.copy(files[test.raster_keys[1]], bad)
+        first_ndvi = inputs / "ndvi" / files["ndvi"].name
+        tifffile.imwrite(first_ndvi, np.zeros(raster.shape[:2] + (2,), np.float32), photometric="minisblack",
+                         planarconfig="contig")
+        expected = f"{first_ndvi.name}: the ndvi layer must have 1 band"
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(lambda: predict_main(["--checkpoint", str(tmp_path / "run"), "--input", str(inputs),
+                                      "--out", str(tmp_path / "bad")]))
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_.value.code == 2 and last.startswith("error: ") and expected in last, last
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())

@@ -123,6 +123,30 @@ class Globe230k(TiledSegmentation):
         return files
 
     def read_tile(self, tile: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        rasters = self.read_rasters(tile)
+        grid = (rasters[self.raster_keys[0]].shape[:2], self._file(self.raster_keys[0], tile))
+        path = self._file("label", tile)
+        label = _read_image(path, "label image")
+        if label.ndim == 3 and label.shape[2] == 1:
+            label = label[..., 0]
+        if label.ndim != 2:
+            raise DatasetFormatError(f"{path}: expected a single-channel label image of class values (0..10), got "
+                                     f"shape {list(label.shape)} (a colour image?)")
+        if label.shape != grid[0]:
+            raise DatasetFormatError(f"{path}: the label image is {label.shape[0]} x {label.shape[1]} pixels but "
+                                     f"{grid[1]} is {grid[0][0]} x {grid[0][1]}")
+        if not np.issubdtype(label.dtype, np.integer):
+            raise DatasetFormatError(f"{path}: expected integer class values, got {label.dtype}")
+        k = len(GLOBE230K_CLASSES)
+        bad = (label < 0) | (label > k)
+        if bad.any():
+            r, c = (int(v) for v in np.argwhere(bad)[0])
+            raise DatasetFormatError(f"{path}: pixel (row {r}, column {c}) has class value {int(label[r, c])}; "
+                                     f"expected 0 (no label) or 1..{k}; {int(bad.sum())} pixel(s) are out of range")
+        return rasters, label.astype(np.int64) - 1
+
+    def read_rasters(self, tile: str) -> dict[str, np.ndarray]:
+        """The chosen modalities' layers of ``tile`` (checked: bands, dtypes, values, one grid), without the label."""
         rasters: dict[str, np.ndarray] = {}
         grid: tuple[tuple[int, int], Path] | None = None
         for key in self.raster_keys:
@@ -150,25 +174,29 @@ class Globe230k(TiledSegmentation):
                 raise DatasetFormatError(f"{path}: the {key} layer is {array.shape[0]} x {array.shape[1]} pixels but "
                                          f"{grid[1]} is {grid[0][0]} x {grid[0][1]}; expected one grid per tile")
             rasters[key] = array
-        path = self._file("label", tile)
-        label = _read_image(path, "label image")
-        if label.ndim == 3 and label.shape[2] == 1:
-            label = label[..., 0]
-        if label.ndim != 2:
-            raise DatasetFormatError(f"{path}: expected a single-channel label image of class values (0..10), got "
-                                     f"shape {list(label.shape)} (a colour image?)")
-        if label.shape != grid[0]:
-            raise DatasetFormatError(f"{path}: the label image is {label.shape[0]} x {label.shape[1]} pixels but "
-                                     f"{grid[1]} is {grid[0][0]} x {grid[0][1]}")
-        if not np.issubdtype(label.dtype, np.integer):
-            raise DatasetFormatError(f"{path}: expected integer class values, got {label.dtype}")
-        k = len(GLOBE230K_CLASSES)
-        bad = (label < 0) | (label > k)
-        if bad.any():
-            r, c = (int(v) for v in np.argwhere(bad)[0])
-            raise DatasetFormatError(f"{path}: pixel (row {r}, column {c}) has class value {int(label[r, c])}; "
-                                     f"expected 0 (no label) or 1..{k}; {int(bad.sum())} pixel(s) are out of range")
-        return rasters, label.astype(np.int64) - 1
+        return rasters
+
+    def find_tiles(self) -> list[str]:
+        """The tile ids with a file in the first modality's folder (``<root>/rgb/<id>.jpg`` ...), sorted by name
+        (numbers within names in numeric order: data_2 before data_10)."""
+        import re
+
+        key = self.raster_keys[0]
+        folder = self.root / self.folders[key]
+        stems = {f.stem for f in folder.iterdir() if f.is_file() and f.suffix.lower() in EXTENSIONS[key]
+                 and not f.name.startswith(".")} if folder.is_dir() else set()
+        if not stems:
+            raise DatasetFormatError(f"Globe230k: no {key} tile ({', '.join(EXTENSIONS[key])}) in {folder}; "
+                                     f"{LAYOUT} (the labels and split lists are not needed to predict)")
+        natural = lambda s: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]  # noqa: E731
+        return sorted(stems, key=natural)
+
+    def tile_name(self, tile: str) -> str:
+        return str(tile)
+
+    def encode_labels(self, label: np.ndarray) -> np.ndarray:
+        """Class indices ``H x W`` (-1 = none) -> the release's label values (uint8: 1..10, 0 = no label)."""
+        return (np.asarray(label, np.int64) + 1).clip(0).astype(np.uint8)
 
     # -- demo ------------------------------------------------------------------------------------------
     @classmethod

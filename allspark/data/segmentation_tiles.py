@@ -181,6 +181,64 @@ class TiledSegmentation(ModalityDataset):
     def tile_files(self, tile_id: Any) -> list[Path]:  # pragma: no cover - interface
         raise NotImplementedError
 
+    # -- prediction hooks (``allspark predict``: tiles without labels, no split lists) ----------------------
+    def read_rasters(self, tile_id: Any) -> dict[str, np.ndarray]:  # pragma: no cover - interface
+        """The tile's rasters only ({batch key: H x W x C}, checked, one grid), as :meth:`read_tile` gives them."""
+        raise NotImplementedError
+
+    def find_tiles(self) -> list[Any]:  # pragma: no cover - interface
+        """The ids of the tiles whose rasters are under :attr:`root` (no split list or label needed)."""
+        raise NotImplementedError
+
+    def tile_name(self, tile_id: Any) -> str:
+        """A file name (no suffix) for the tile's predicted label map: the name of its label file."""
+        return str(tile_id)
+
+    def encode_labels(self, label: np.ndarray) -> np.ndarray:
+        """Class indices ``H x W`` (-1 = no label) -> the label image as the dataset stores it (default: the
+        indices, uint8 or uint16)."""
+        label = np.asarray(label)
+        return label.astype(np.uint8 if len(self.class_names) <= 255 else np.uint16)
+
+    @classmethod
+    def for_prediction(cls, root: str | Path, stats: dict[str, dict[str, Sequence[float]]],
+                       channels: dict[str, int], *, patch: int, stride: int, source: str = "the checkpoint",
+                       **reader_args: Any) -> "TiledSegmentation":
+        """The tiles found under ``root`` (:meth:`find_tiles`) as a split to predict: their rasters read and
+        checked as for training (:meth:`read_rasters`), each band standardised with the training split's
+        statistics ``stats`` (never the input's), cut into the windows of evaluation (``patch``, ``stride``); the
+        ``label`` of every item is -1. ``channels`` (the bands per batch key the model was trained on) and the
+        tile size (at least a patch) are checked, naming the file; ``source`` says where they come from."""
+        self = cls.__new__(cls)
+        ModalityDataset.__init__(self, root, "test")  # the evaluation windows, no augmentation
+        self.reader_args = dict(reader_args)
+        self.configure(**self.reader_args)
+        self.patch, self.stride, self.augment = int(patch), int(stride), False
+        self.tile_ids = list(self.find_tiles())
+        self.rasters, self.labels, self.windows = [], [], []
+        for t, tile_id in enumerate(self.tile_ids):
+            rasters = {k: (v[..., None] if v.ndim == 2 else v) for k, v in self.read_rasters(tile_id).items()}
+            files = dict(zip(self.raster_keys, self.tile_files(tile_id)))
+            for key in self.raster_keys:
+                found, expected = int(rasters[key].shape[2]), int(channels[key])
+                if found != expected:
+                    raise DatasetFormatError(f"{files[key]}: the {key} raster has {found} band(s); {source} was "
+                                             f"trained on {expected}")
+            h, w = next(iter(rasters.values())).shape[:2]
+            if h < self.patch or w < self.patch:
+                raise DatasetFormatError(
+                    f"{files[self.raster_keys[0]]}: the tile is {h} x {w} pixels, smaller than the {self.patch} x "
+                    f"{self.patch} window {source} predicts (data.args.patch); tiles are not padded or resized")
+            self.rasters.append(rasters)
+            self.labels.append(np.full((h, w), -1, np.int16))
+            self.windows += [(t, y, x, own) for y, x, own in tile_windows(h, w, self.patch, self.stride)]
+        self.channels = {k: int(channels[k]) for k in self.raster_keys}
+        self.stats = {k: {"band_mean": list(stats[k]["band_mean"]), "band_std": list(stats[k]["band_std"])}
+                      for k in self.raster_keys}
+        self._mean = {k: np.asarray(v["band_mean"], np.float32) for k, v in self.stats.items()}
+        self._std = {k: np.asarray(v["band_std"], np.float32) for k, v in self.stats.items()}
+        return self
+
     def _tile_name(self, tile_id: Any) -> str:
         files = self.tile_files(tile_id)
         return str(files[0]) if files else str(tile_id)

@@ -99,6 +99,45 @@ class ISPRSVaihingen(TiledSegmentation):
         if missing:
             raise DatasetFormatError(f"Vaihingen area {area}: {', '.join(missing)} missing under {str(self.root)!r}; "
                                      f"{LAYOUT}")
+        rasters = self.read_rasters(area)
+        top = rasters["top"]
+        image = read_tiff(label_path, "label image")
+        if image.shape[:2] != top.shape[:2]:
+            raise DatasetFormatError(f"{label_path}: the label image is {image.shape[0]} x {image.shape[1]} pixels "
+                                     f"but its orthophoto {top_path} is {top.shape[0]} x {top.shape[1]}")
+        label = decode_palette(image, VAIHINGEN_PALETTE, label_path)
+        return rasters, label
+
+    # -- prediction (allspark predict: tiles without labels) -------------------------------------------
+    def find_tiles(self) -> list[int]:
+        """The areas whose orthophoto is under ``<root>/top/`` (``top_mosaic_09cm_area<N>.tif``), by number."""
+        folder = self.root / Path(TOP).parent
+        prefix, suffix = Path(TOP).name.split("{}")
+        found = []
+        for f in sorted(folder.glob(f"{prefix}*{suffix}")) if folder.is_dir() else []:
+            number = f.name[len(prefix):len(f.name) - len(suffix)]
+            if number.isdigit():
+                found.append(int(number))
+        if not found:
+            raise DatasetFormatError(f"{self.root}: no orthophoto {TOP.format('<N>')} found; {LAYOUT} (the labels "
+                                     "are not needed to predict)")
+        return sorted(found)
+
+    def tile_name(self, area: int) -> str:
+        """The name of area ``area``'s label image (``top_mosaic_09cm_area<N>``), without its suffix."""
+        return Path(LABEL.format(area)).stem
+
+    def encode_labels(self, label: np.ndarray) -> np.ndarray:
+        """Class indices ``H x W`` -> the contest's colour-coded label image ``H x W x 3`` uint8."""
+        return np.asarray(VAIHINGEN_PALETTE, np.uint8)[np.asarray(label, np.int64)]
+
+    def read_rasters(self, area: int) -> dict[str, np.ndarray]:
+        """The orthophoto and the DSM of ``area`` (checked: bands, dtypes, one grid), without the label."""
+        top_path, dsm_path, _ = self.tile_files(area)
+        missing = [str(p.relative_to(self.root)) for p in (top_path, dsm_path) if not p.is_file()]
+        if missing:
+            raise DatasetFormatError(f"Vaihingen area {area}: {', '.join(missing)} missing under {str(self.root)!r}; "
+                                     f"{LAYOUT}")
         top = read_tiff(top_path, "orthophoto")
         if top.ndim != 3 or top.shape[2] != 3 or top.dtype != np.uint8:
             raise DatasetFormatError(f"{top_path}: expected a 3-band 8-bit orthophoto (H x W x 3 uint8: IR, R, G), "
@@ -117,12 +156,7 @@ class ISPRSVaihingen(TiledSegmentation):
         bad = int((~np.isfinite(dsm)).sum())
         if bad:
             raise DatasetFormatError(f"{dsm_path}: {bad} DSM value(s) are NaN or infinite")
-        image = read_tiff(label_path, "label image")
-        if image.shape[:2] != top.shape[:2]:
-            raise DatasetFormatError(f"{label_path}: the label image is {image.shape[0]} x {image.shape[1]} pixels "
-                                     f"but its orthophoto {top_path} is {top.shape[0]} x {top.shape[1]}")
-        label = decode_palette(image, VAIHINGEN_PALETTE, label_path)
-        return {"top": top, "dsm": dsm[..., None]}, label
+        return {"top": top, "dsm": dsm[..., None]}
 
     # -- demo ------------------------------------------------------------------------------------------
     @classmethod
