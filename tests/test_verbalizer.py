@@ -442,3 +442,42 @@ def test_answers_recipe_loss_and_the_evaluators_answer_accuracy_by_hand(monkeypa
     lin = AllSpark.from_config(lin_cfg, train.info())
     with pytest.raises(ConfigError, match="needs model.head.type=verbalizer"):
         build_evaluator(lin_cfg, train.info()).model_metrics(lin, Rows(train, picked))
+
+
+def test_a_verbalizer_task_in_the_joint_model_scores_through_the_shared_llm():
+    """The verbalizer in the one-model-many-tasks case: a joint hsi (verbalizer) + table model routes an hsi batch
+    to the names' scores, the same as the task's own part computes them over the shared LLM; its loss trains the
+    shared adapters and the hsi bridge, not the table task; replacing the names changes the scores' columns only."""
+    from allspark.multitask import MultiTaskAllSpark, load_joint_config, resolve_task_configs
+
+    overrides = ["model.llm.name=tiny", "model.llm.dtype=float32", "eval.baselines=[]",
+                 "model.bridge={num_queries: 4, depth: 1, heads: 2, ff_mult: 2}",
+                 "hsi:model.encoders.0.args={dim: 16, depth: 1, heads: 2, bands_per_token: 8}",
+                 "hsi:model.head={type: verbalizer, args: {}}", "hsi:data.args.train_ratio=0.1",
+                 "table:model.encoders.0.args={dim: 16, depth: 1, heads: 2, dropout: 0.0}",
+                 "table:data.args.train_ratio=0.05"]
+    cfgs = resolve_task_configs(load_joint_config(tasks=["hsi", "table"], overrides=overrides))
+    sets = {n: build_dataset(c, "train") for n, c in cfgs.items()}
+    torch.manual_seed(0)
+    model = MultiTaskAllSpark(cfgs, {n: s.info() for n, s in sets.items()})
+    head = model.tasks["hsi"].head
+    assert isinstance(head, VerbalizerHead) and head.choices == sets["hsi"].info()["class_names"]
+    batch = _batch(sets["hsi"])
+    model.eval()
+    with torch.no_grad():
+        routed = model({**batch, "task": "hsi"}).predictions
+        own = model.tasks["hsi"](batch).predictions
+    assert routed["choice_loglik"].shape == (9, 9)
+    assert torch.equal(routed["choice_loglik"], own["choice_loglik"])
+    names = head.choices
+    head.set_choices(list(reversed(names)))
+    with torch.no_grad():
+        flipped = model({**batch, "task": "hsi"}).predictions["choice_loglik"]
+    assert torch.allclose(flipped, routed["choice_loglik"].flip(-1), atol=TOL)
+    head.set_choices(names)
+    model.train()
+    model({**batch, "task": "hsi"}).loss.backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert any(n.startswith("llm.") and "lora" in n for n in grads)
+    assert any(n.startswith("tasks.hsi.bridge.") for n in grads)
+    assert not any(n.startswith("tasks.table.") for n in grads)
