@@ -4,14 +4,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from allspark.baselines import baseline_metrics, build_baselines
+from allspark.baselines import baseline_metrics
 from allspark.checkpoints import resolve_checkpoint
 from allspark.config import ConfigError, apply_overrides, from_dict, to_dict, Config
-from allspark.data import build_dataset, build_loader, loader_options, resolve_data_root
+from allspark.data import loader_options
 from allspark.distributed import make_accelerator
-from allspark.evaluation import build_evaluator, collect_predictions, write_metrics
+from allspark.evaluation import collect_predictions, write_metrics
 from allspark.model import AllSpark
 from allspark.precision import run_precision
+from allspark.run import build_run
 
 
 def evaluate_checkpoint(
@@ -59,20 +60,16 @@ def evaluate_checkpoint(
         cfg = from_dict(Config, apply_overrides(to_dict(cfg), {"data.root": data_root}))
     out_dir = Path(output_dir) if output_dir is not None else checkpoint / (
         "eval" if labels is None else f"eval_{Path(labels).stem}")
-    with accelerator.main_process_first():
-        root = resolve_data_root(cfg)
-    dataset = build_dataset(cfg, split, root)
-    evaluator = build_evaluator(cfg, model.info)
-    baselines = build_baselines(cfg, model.info, evaluator)
+    run = build_run(cfg, splits=(split,), accelerator=accelerator, info=model.info, model=model, loaders="eval")
+    dataset, evaluator, baselines, loader = run.datasets[split], run.evaluator, run.baselines, run.loaders[split]
     loading = loader_options(cfg.data, accelerator.device)
-    loader = build_loader(dataset, cfg.data.eval_batch_size, **loading)
     model = accelerator.prepare(model)
     gathered = {split: collect_predictions(model, accelerator.prepare(loader), accelerator, evaluator.pred_keys,
                                            evaluator.batch_keys, split)}
     metrics = {"split": split, "checkpoint": str(ckpt), "num_processes": accelerator.num_processes,
                **evaluator.compute(gathered[split])}
     for extra in evaluator.extra_splits:  # what the report needs beyond the scored split (e.g. the scene map)
-        gathered[extra], stats = evaluator.predict_extra(extra, model, build_dataset(cfg, extra, root), accelerator,
+        gathered[extra], stats = evaluator.predict_extra(extra, model, run.dataset(extra), accelerator,
                                                          cfg.data.eval_batch_size, **loading)
         metrics.update(stats)
     metrics["precision"] = precision
@@ -80,7 +77,7 @@ def evaluate_checkpoint(
         metrics["label_set"] = label_set
     metrics.update(evaluator.model_metrics(accelerator.unwrap_model(model), dataset, accelerator))
     if accelerator.is_main_process:  # classical baselines fitted on the training split, scored on this one
-        train_set = (dataset if split == "train" else build_dataset(cfg, "train", root)) if baselines else None
+        train_set = run.dataset("train") if baselines else None
         metrics.update(baseline_metrics(cfg, evaluator, baselines, train_set, dataset, accelerator.unwrap_model(model)))
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)

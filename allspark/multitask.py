@@ -21,8 +21,10 @@ The pieces, in the order a reader meets them:
   widths to the bridge width, :class:`~allspark.bridge.SharedBridgeEntry`); otherwise each task has its own
   bridge. The trainable state uses the same prefixes, so the shared parts are saved once and a task's part can be
   added to (or taken from) a checkpoint as a whole.
-- :func:`train_joint`: the loop, on the helpers of :mod:`allspark.training` (optimizer, checkpoint hooks,
-  trackers, interrupt handling, the JSONL log). Per task its loader (its own batch size) and loss weight;
+- :func:`train_joint`: the loop: per task its run (:class:`allspark.run.Run`: data, evaluator, loaders), one
+  model over them, and the optimizer steps on the :class:`allspark.steploop.StepLoop` that the single-task trainer
+  runs on too (the update, step counting, interrupts, the JSONL log and trackers, checkpoints, ``best/``); its own
+  are the task each step draws and the per-task records. Per task its loader (its own batch size) and loss weight;
   one cosine schedule over the run's total optimizer steps; validation of every task with its own protocol;
   ``best/`` chosen on the aggregate (:func:`aggregate_score`); exact resume (each task's loader position, the
   RNG, optimizer and schedule).
@@ -33,8 +35,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import re
-import shutil
 import time
 import types
 from dataclasses import asdict, dataclass, field
@@ -911,14 +911,14 @@ def train_joint(jcfg: JointConfig, output_dir: str | Path, *, resume: str | Path
     ``output_dir``) or a checkpoint folder. ``step_callback`` runs on every process after each optimizer step."""
     from transformers import get_cosine_schedule_with_warmup
 
-    from allspark.baselines import baseline_metrics, build_baselines
-    from allspark.data import EpochSampler, build_dataset, build_loader, loader_options, resolve_data_root
+    from allspark.baselines import baseline_metrics
+    from allspark.data import loader_options
     from allspark.distributed import make_accelerator
-    from allspark.evaluation import build_evaluator, collect_predictions, write_metrics
+    from allspark.evaluation import write_metrics
     from allspark.precision import run_precision
-    from allspark.training import (_InterruptNow, _JsonlLog, _StepBoundaryInterrupt, _flat_config, attention_kernel,
-                                   build_optimizer, checkpoint_hooks, ddp_handlers, find_latest_checkpoint,
-                                   gather_trainable_state, trackers)
+    from allspark.run import Run
+    from allspark.steploop import StepLoop, attention_kernel, find_latest_checkpoint
+    from allspark.training import _flat_config, build_optimizer, ddp_handlers, trackers
     from accelerate.utils import set_seed
 
     output_dir = Path(output_dir)
@@ -952,15 +952,12 @@ def train_joint(jcfg: JointConfig, output_dir: str | Path, *, resume: str | Path
         _check_resume(jcfg, cfgs, run_dir, resume_ckpt)
 
     set_seed(jcfg.seed)  # before the model is built: initial weights depend on the seed only
-    sets, infos = {}, {}
+    runs: dict[str, Run] = {}
     for name, cfg in cfgs.items():
         with _in_task(name):
-            with accelerator.main_process_first():
-                root = resolve_data_root(cfg)
-            sets[name] = {split: build_dataset(cfg, split, root) for split in ("train", "val", "test")}
-            infos[name] = sets[name]["train"].info()
+            runs[name] = Run.load_data(cfg, accelerator=accelerator)
             loader_options(cfg.data)  # a bad data.num_workers / pin_memory / persistent_workers fails before any write
-    model = MultiTaskAllSpark({**held_cfgs, **cfgs}, {**held_infos, **infos},
+    model = MultiTaskAllSpark({**held_cfgs, **cfgs}, {**held_infos, **{n: r.info for n, r in runs.items()}},
                               loss_weights={n: s.loss_weight for n, s in specs.items()},
                               shared_bridge=shared_bridge, bridge_width=bridge_width)
     if resume_ckpt is None:  # data-dependent starts (e.g. a forecast head's least-squares skip), as train() does
@@ -968,7 +965,7 @@ def train_joint(jcfg: JointConfig, output_dir: str | Path, *, resume: str | Path
 
         init = getattr(training, "init_from_data", None)
         for name in names if init is not None else ():
-            init(model.tasks[name], sets[name]["train"], cfgs[name].data.eval_batch_size,  # one pass: no workers kept
+            init(model.tasks[name], runs[name].datasets["train"], cfgs[name].data.eval_batch_size,  # one pass
                  **{**loader_options(cfgs[name].data, accelerator.device), "persistent_workers": False})
     if start is not None:  # the checkpoint's tasks and the shared parts, held; this config's tasks train
         report = model.load_trainable_state_dict(load_file(str(start / WEIGHTS_NAME)), strict=False)
@@ -978,11 +975,10 @@ def train_joint(jcfg: JointConfig, output_dir: str | Path, *, resume: str | Path
         held = model.hold(list(held_cfgs), shared=True)
         logger.info("init_from %s: tasks %s and the shared adapters%s held (%d tensors); training %s", start,
                     list(held_cfgs), " and bridge" if model.bridge is not None else "", len(held), names)
-    evaluators, baselines = {}, {}
-    for name, cfg in cfgs.items():
+    for name, run in runs.items():
+        run.model = model.tasks[name]
         with _in_task(name):
-            evaluators[name] = build_evaluator(cfg, infos[name])
-            baselines[name] = build_baselines(cfg, infos[name], evaluators[name])
+            run.build_evaluator()
     if main:  # written after every check passed: a refused run leaves nothing half-written
         output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(output_dir / JOINT_CONFIG_NAME, _yaml(jcfg))
@@ -990,89 +986,60 @@ def train_joint(jcfg: JointConfig, output_dir: str | Path, *, resume: str | Path
             (output_dir / TASKS_DIR / name).mkdir(parents=True, exist_ok=True)
             save_config(cfg, output_dir / TASKS_DIR / name / CONFIG_NAME)
 
-    train_loaders, val_loaders, test_loaders = [], [], []
-    for name, cfg in cfgs.items():
-        train_set = sets[name]["train"]
-        sampler = train_set.train_sampler(cfg.data.batch_size, cfg.seed) or EpochSampler(len(train_set), seed=cfg.seed)
-        loading = loader_options(cfg.data, accelerator.device)  # each task's data.num_workers, pin_memory, ...
-        train_loaders.append(build_loader(train_set, cfg.data.batch_size, sampler=sampler, **loading))
-        val_loaders.append(build_loader(sets[name]["val"], cfg.data.eval_batch_size, **loading))
-        test_loaders.append(build_loader(sets[name]["test"], cfg.data.eval_batch_size, **loading))
+    for run in runs.values():  # each task's own batch sizes and data.num_workers, pin_memory, ...
+        run.build_loaders(accelerator.device)
     # learning-rate multipliers: the joint ones by joint names, each trained task's own under its prefix
     lr_scale = dict(tcfg.lr_scale)
     for name, cfg in cfgs.items():
         lr_scale.update({f"{TASK_PREFIX}{name}.{pattern}": factor
                          for pattern, factor in (getattr(cfg.train, "lr_scale", None) or {}).items()})
     optimizer = build_optimizer(types.SimpleNamespace(train=dataclasses.replace(tcfg, lr_scale=lr_scale)), model)
-    prepared = accelerator.prepare(model, optimizer, *train_loaders, *val_loaders, *test_loaders)
+    splits = ("train", "val", "test")
+    prepared = accelerator.prepare(model, optimizer, *(runs[n].loaders[s] for s in splits for n in names))
     model, optimizer = prepared[0], prepared[1]
-    k = len(names)
-    train_loaders = dict(zip(names, prepared[2:2 + k]))
-    val_loaders = dict(zip(names, prepared[2 + k:2 + 2 * k]))
-    test_loaders = dict(zip(names, prepared[2 + 2 * k:2 + 3 * k]))
+    for i, split in enumerate(splits):
+        for j, name in enumerate(names):
+            runs[name].loaders[split] = prepared[2 + i * len(names) + j]
     unwrapped: MultiTaskAllSpark = accelerator.unwrap_model(model)
 
     # Lengths in optimizer steps of this process (a step takes one batch per process).
-    steps_per_epoch = {n: len(train_loaders[n]) for n in names}
+    steps_per_epoch = {n: len(runs[n].loaders["train"]) for n in names}
     total_steps = tcfg.steps or sum(cfgs[n].train.epochs * steps_per_epoch[n] for n in names)
     eval_every = tcfg.eval_every_steps or sum(steps_per_epoch.values())
     stop_at = min(total_steps, tcfg.max_steps) if tcfg.max_steps else total_steps
     run_length = jcfg.schedule.type == "run_length"
-    schedule = TaskSchedule(names, [cfgs[n].train.epochs * steps_per_epoch[n] if run_length else len(sets[n]["train"])
-                                    for n in names], jcfg.schedule.type, jcfg.schedule.temperature, jcfg.seed)
+    schedule = TaskSchedule(names, [cfgs[n].train.epochs * steps_per_epoch[n] if run_length
+                                    else len(runs[n].datasets["train"]) for n in names],
+                            jcfg.schedule.type, jcfg.schedule.temperature, jcfg.seed)
     # The learning-rate schedule steps once per optimizer step (not accelerate's per-process stepping), so
     # ``steps`` counts optimizer steps whatever the number of processes; it is saved with the checkpoints.
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(round(tcfg.warmup_ratio * total_steps)), total_steps)
     accelerator.register_for_checkpointing(scheduler)
     precision = run_precision(unwrapped._llm, accelerator, tcfg.mixed_precision, first.model.llm.dtype)
-    save_hook, load_hook = checkpoint_hooks(accelerator)
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
     logger.info("joint run over %s: %d optimizer steps (%s schedule, probabilities %s), validation every %d",
                 names, total_steps, schedule.kind, [round(p, 4) for p in schedule.probabilities], eval_every)
 
-    state = JointState(tasks={n: {"epoch": 0, "batches_in_epoch": 0, "steps": 0} for n in names})
+    # one batch per optimizer step (no accumulation), the task's loss weight on its loss
+    loop = StepLoop(accelerator, model, optimizer, scheduler,
+                    JointState(tasks={n: {"epoch": 0, "batches_in_epoch": 0, "steps": 0} for n in names}), output_dir,
+                    max_grad_norm=tcfg.max_grad_norm, attention_kernel=tcfg.attention_kernel,
+                    keep_checkpoints=tcfg.keep_checkpoints, accumulate=False, total=stop_at,
+                    desc=f"train {','.join(names)}", step_callback=step_callback)
     if resume_ckpt is not None:
-        accelerator.load_state(str(resume_ckpt))
-        state = JointState(**json.loads((resume_ckpt / STATE_NAME).read_text()))
+        state = loop.resume(resume_ckpt, JointState)
         logger.info("resumed from %s at step %d (%s)", resume_ckpt, state.global_step, state.tasks)
-        _JsonlLog(output_dir / "log.jsonl", main).truncate(state.global_step)
-    log = _JsonlLog(output_dir / "log.jsonl", main)
-    streams = {n: _TaskStream(n, train_loaders[n], accelerator, state.tasks[n]) for n in names}
-    accelerator.init_trackers(jcfg.name, config=_flat_config(jcfg))
+    state = loop.state
+    streams = {n: _TaskStream(n, runs[n].loaders["train"], accelerator, state.tasks[n]) for n in names}
+    loop.start_trackers(jcfg.name, _flat_config(jcfg))
 
-    def save_checkpoint() -> None:
-        ckpt = output_dir / "checkpoints" / f"step-{state.global_step}"
-        tmp = ckpt.with_name(ckpt.name + ".tmp")
-        if main and tmp.exists():
-            shutil.rmtree(tmp)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()
-        if main:
-            atomic_write_text(tmp / STATE_NAME, json.dumps(asdict(state)))
-            if ckpt.exists():
-                shutil.rmtree(ckpt)
-            tmp.rename(ckpt)
-            old = sorted((int(m.group(1)), d) for d in ckpt.parent.iterdir()
-                         if (m := re.fullmatch(r"step-(\d+)", d.name)))
-            for _, d in old[: max(0, len(old) - tcfg.keep_checkpoints)]:
-                shutil.rmtree(d, ignore_errors=True)
-            for d in ckpt.parent.iterdir():  # folders of saves a kill interrupted: never a resume point
-                if re.fullmatch(r"step-\d+\.tmp", d.name) and d.is_dir():
-                    shutil.rmtree(d, ignore_errors=True)
-        accelerator.wait_for_everyone()
-
-    def evaluate(name: str, loader, desc: str) -> dict[str, Any]:
-        ev = evaluators[name]
-        gathered = collect_predictions(_Routed(model, name), loader, accelerator, ev.pred_keys, ev.batch_keys, desc)
-        return ev.compute(gathered)
+    def evaluate(name: str, split: str) -> dict[str, Any]:
+        return loop.evaluate(_Routed(model, name), runs[name].loaders[split], runs[name].evaluator, f"{split} {name}")
 
     def validate() -> None:
         record: dict[str, Any] = {"step": state.global_step}
         values, greater = {}, {}
         for name in names:
-            metrics = evaluate(name, val_loaders[name], f"val {name}")
+            metrics = evaluate(name, "val")
             key = cfgs[name].train.metric_for_best
             value = metrics.get(key)
             if not isinstance(value, (int, float)):
@@ -1086,80 +1053,45 @@ def train_joint(jcfg: JointConfig, output_dir: str | Path, *, resume: str | Path
         better = state.best_score is None or score > state.best_score
         if better:
             state.best_score, state.best_step, state.best_metrics = score, state.global_step, dict(values)
-            accelerator.wait_for_everyone()
-            best = gather_trainable_state(accelerator, model)
-            if main:
-                unwrapped.save_pretrained(output_dir / BEST_DIR, joint=jcfg, state=best)
+            loop.save_best(joint=jcfg)
         record.update({"val/aggregate": score, "best": better})
-        log.write(record)
-        accelerator.log({k: v for k, v in record.items() if k.startswith("val/")}, step=state.global_step)
+        loop.record(record, {k: v for k, v in record.items() if k.startswith("val/")})
         model.train()
 
-    from tqdm.auto import tqdm
-
-    progress = tqdm(total=stop_at, initial=state.global_step, disable=not accelerator.is_local_main_process,
-                    desc=f"train {','.join(names)}")
     running: dict[str, list[float]] = {}
     drawn: list[int] = []  # the tasks drawn since the last check, compared across processes at log and eval steps
     t0 = time.perf_counter()
-    interrupt = _StepBoundaryInterrupt()
     model.train()
-    try:
-        interrupt.install()
+    with loop.running():
         while state.global_step < stop_at:
             drawn.append(schedule.index(state.global_step))
             task = names[drawn[-1]]
             batch = streams[task].next()
-            with attention_kernel(tcfg.attention_kernel, accelerator.device):
-                out = model({**batch, "task": task})
-            if out.loss is None:
-                raise ValueError(f"task {task!r}: the head returned no loss for a training batch")
-            accelerator.backward(out.loss * unwrapped.loss_weights[task])
-            if tcfg.max_grad_norm:
-                accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], tcfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.global_step += 1
+            out = loop.update({**batch, "task": task}, loss_weight=unwrapped.loss_weights[task], task=task)
+            loop.count_step()
             state.tasks[task]["steps"] += 1
             running.setdefault(task, []).append(out.loss.detach().float().item())
-            progress.update(1)
-            at_log = state.global_step % tcfg.log_every_steps == 0
-            at_eval = state.global_step % eval_every == 0 or state.global_step == stop_at
+            at_log = loop.due(tcfg.log_every_steps)
+            at_eval = loop.due(eval_every) or state.global_step == stop_at
             if at_log or at_eval:
                 check_same_draws(accelerator, drawn, names, state.global_step)
                 drawn.clear()
             if at_log:
                 # every process drew the same tasks, so the per-task means reduce across processes
-                means = {n: accelerator.reduce(torch.tensor(sum(v) / len(v), device=accelerator.device),
-                                               "mean").item() for n, v in sorted(running.items())}
+                means = {n: loop.mean(sum(v) / len(v)) for n, v in sorted(running.items())}
                 record = {"step": state.global_step, "task": task, "loss": means[task],
                           "lr": scheduler.get_last_lr()[0],
                           **{f"train/{n}/loss": v for n, v in means.items()},
                           "seconds": round(time.perf_counter() - t0, 2)}
-                log.write(record)
-                accelerator.log({k: v for k, v in record.items() if k.startswith("train/")}, step=state.global_step)
+                loop.record(record, {k: v for k, v in record.items() if k.startswith("train/")})
                 running.clear()
-            if step_callback is not None:
-                step_callback(state)
-            if interrupt.requested(accelerator):
-                raise KeyboardInterrupt
+            loop.boundary()
             if at_eval:
                 validate()
-            if at_eval or (tcfg.save_every_steps and state.global_step % tcfg.save_every_steps == 0):
-                save_checkpoint()
+            if at_eval or loop.due(tcfg.save_every_steps):
+                loop.save_checkpoint()
         if state.best_step is None:  # resumed from the run's last checkpoint: nothing left to train
             validate()
-    except _InterruptNow:
-        logger.warning("interrupted again: stopping at once; the newest checkpoint is the one to resume from")
-        raise
-    except KeyboardInterrupt:
-        logger.warning("interrupted: saving a checkpoint at step %d to resume from", state.global_step)
-        save_checkpoint()
-        raise
-    finally:
-        interrupt.uninstall()
-        progress.close()
 
     accelerator.wait_for_everyone()
     result: dict[str, Any] = {
@@ -1170,14 +1102,15 @@ def train_joint(jcfg: JointConfig, output_dir: str | Path, *, resume: str | Path
         "num_processes": accelerator.num_processes, "precision": precision,
     }
     if tcfg.test_at_end:
-        unwrapped.load_trainable_state_dict(load_file(str(output_dir / BEST_DIR / WEIGHTS_NAME)))
+        loop.load_best()
         for name in names:
+            run = runs[name]
             metrics = {"metric_for_best": cfgs[name].train.metric_for_best,
                        f"val/{cfgs[name].train.metric_for_best}": state.best_metrics.get(name),
-                       **evaluate(name, test_loaders[name], f"test {name}")}
+                       **evaluate(name, "test")}
             if main:
-                metrics.update(baseline_metrics(cfgs[name], evaluators[name], baselines[name], sets[name]["train"],
-                                                sets[name]["test"], unwrapped.tasks[name]))
+                metrics.update(baseline_metrics(run.cfg, run.evaluator, run.baselines, run.datasets["train"],
+                                                run.datasets["test"], unwrapped.tasks[name]))
             result["tasks"][name] = metrics
     if main:
         write_metrics(output_dir / "metrics.json", result)
@@ -1188,8 +1121,8 @@ def train_joint(jcfg: JointConfig, output_dir: str | Path, *, resume: str | Path
                                widths={n: [e.out_dim for e in p.encoders] for n, p in unwrapped.tasks.items()},
                                num_trainable=unwrapped.num_trained_parameters())
         if tcfg.test_at_end:
-            log.write({f"test/{n}/{k}": v for n, m in result["tasks"].items() for k, v in m.items()
-                       if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            loop.log.write({f"test/{n}/{k}": v for n, m in result["tasks"].items() for k, v in m.items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
     accelerator.end_training()
     return result
 
@@ -1204,11 +1137,12 @@ def evaluate_joint(checkpoint: str | Path, *, tasks: Sequence[str] | None = None
     """``evaluate.py --checkpoint DIR`` of a joint checkpoint: every task's protocol (or those in ``tasks``) on
     ``split``, with its baselines; writes ``OUT/metrics.json`` nested by task (``{"tasks": {name: metrics}}``),
     ``OUT/<task>/report.md`` with the task's figures, and ``OUT/report.md`` with a section per task."""
-    from allspark.baselines import baseline_metrics, build_baselines
-    from allspark.data import build_dataset, build_loader, loader_options, resolve_data_root
+    from allspark.baselines import baseline_metrics
+    from allspark.data import loader_options
     from allspark.distributed import make_accelerator
-    from allspark.evaluation import baseline_table, build_evaluator, collect_predictions, write_metrics
+    from allspark.evaluation import baseline_table, collect_predictions, write_metrics
     from allspark.precision import run_precision
+    from allspark.run import build_run
 
     checkpoint = Path(checkpoint)
     ckpt = resolve_joint_checkpoint(checkpoint)
@@ -1231,24 +1165,21 @@ def evaluate_joint(checkpoint: str | Path, *, tasks: Sequence[str] | None = None
         if data_root is not None:
             cfg = from_dict(Config, apply_overrides(to_dict(cfg), {"data.root": data_root}))
         with _in_task(name):
-            with accelerator.main_process_first():
-                root = resolve_data_root(cfg)
-            dataset = build_dataset(cfg, split, root)
-            evaluator = build_evaluator(cfg, part.info)
-            baselines = build_baselines(cfg, part.info, evaluator)
+            run = build_run(cfg, splits=(split,), accelerator=accelerator, info=part.info, model=part, loaders="eval")
+        dataset, evaluator, baselines = run.datasets[split], run.evaluator, run.baselines
         routed = _Routed(prepared, name)
         loading = loader_options(cfg.data, accelerator.device)  # the task's data.num_workers, pin_memory, ...
-        loader = accelerator.prepare(build_loader(dataset, cfg.data.eval_batch_size, **loading))
+        loader = accelerator.prepare(run.loaders[split])
         gathered = {split: collect_predictions(routed, loader, accelerator, evaluator.pred_keys, evaluator.batch_keys,
                                                f"{split} {name}")}
         metrics = {"split": split, **evaluator.compute(gathered[split])}
         for extra in evaluator.extra_splits:
-            gathered[extra], stats = evaluator.predict_extra(extra, routed, build_dataset(cfg, extra, root),
+            gathered[extra], stats = evaluator.predict_extra(extra, routed, run.dataset(extra),
                                                              accelerator, cfg.data.eval_batch_size, **loading)
             metrics.update(stats)
         metrics.update(evaluator.model_metrics(part, dataset, accelerator))
         if accelerator.is_main_process:
-            train_set = (dataset if split == "train" else build_dataset(cfg, "train", root)) if baselines else None
+            train_set = run.dataset("train") if baselines else None
             metrics.update(baseline_metrics(cfg, evaluator, baselines, train_set, dataset, part))
             extras = {k: v for k, v in gathered.items() if k != split}
             evaluator.report(gathered[split], metrics, extras, out_dir / name, f"AllSpark evaluation: {name} ({split})")

@@ -1,41 +1,46 @@
-"""The training loop behind ``train.py``, on Hugging Face ``accelerate``.
+"""The single-task trainer behind ``train.py``, on Hugging Face ``accelerate``.
 
 One code path for one CPU, one GPU or many processes: AdamW over the trainable parameters only, cosine
 schedule with warm-up, gradient accumulation via ``accelerator.accumulate``, mixed precision, resumable
 checkpoints (``save_state``/``load_state``; a resumed run skips the batches it has already seen and ends
 with the same weights as an uninterrupted one), ``best/`` chosen on the validation metric, and
 ``metrics.json`` with the test-split metrics of the best weights.
+
+:func:`train` reads as its steps (``start_run`` -> ``prepare_run`` -> ``prepare_loop`` -> ``resume_or_start`` ->
+``run_epochs`` -> ``final_test`` -> ``write_outputs``); the run is built by :func:`allspark.run.build_run` and the
+optimizer steps run on :class:`allspark.steploop.StepLoop`, the machinery the joint trainer
+(:func:`allspark.multitask.train_joint`) shares.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
-import re
 import shutil
-import signal
-import threading
 import time
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from accelerate.utils import set_seed
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from allspark.baselines import baseline_metrics, build_baselines
+from allspark.baselines import baseline_metrics
 from allspark.checkpoints import BEST_DIR, STATE_NAME, WEIGHTS_NAME, resolve_checkpoint
 from allspark.config import Config, ConfigError, save_config, to_dict
-from allspark.data import EpochSampler, build_dataset, build_loader, loader_options, resolve_data_root
+from allspark.data import build_loader, loader_options
 from allspark.distributed import make_accelerator
 from allspark.errors import MissingPackageError
-from allspark.evaluation import build_evaluator, collect_predictions, write_metrics
+from allspark.evaluation import write_metrics
 from allspark.llm import check_quantization
-from allspark.io import atomic_write_text
 from allspark.model import AllSpark
 from allspark.precision import run_precision
+from allspark.run import Run, build_run
+# the loop machinery shared with the joint trainer (allspark.multitask), importable from here as before
+from allspark.steploop import (  # noqa: F401
+    ATTENTION_KERNELS, StepLoop, _InterruptNow, _JsonlLog, _StepBoundaryInterrupt, _clean_name, attention_kernel,
+    checkpoint_hooks, find_latest_checkpoint, gather_trainable_state)
 
 logger = logging.getLogger(__name__)
 
@@ -126,127 +131,6 @@ def warmup_steps(tcfg, steps_per_epoch: int, total_steps: int) -> int:
     return steps
 
 
-#: path parts that wrappers (FSDP, activation checkpointing, torch.compile) put into parameter names
-_WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
-
-
-def _clean_name(name: str) -> str:
-    for part in _WRAPPER_PARTS:
-        name = name.replace(part, "")
-    return name
-
-
-def _weights_file(index: int) -> str:
-    """accelerate's name for the weights of its ``index``-th model: model.safetensors, model_1.safetensors, ..."""
-    return "model.safetensors" if index == 0 else f"model_{index}.safetensors"
-
-
-def gather_trainable_state(accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The whole trainable state (the names of ``AllSpark.trainable_state_dict``) of a prepared ``model``, on the CPU.
-
-    Call it on every process: under FSDP or DeepSpeed ZeRO-3 ``accelerator.get_state_dict`` gathers the shards,
-    a collective. The main process gets every trainable tensor; under FSDP the others get an empty dict.
-    """
-    names = {_clean_name(k) for k in accelerator.unwrap_model(model).trainable_state_dict()}
-    state = {}
-    for key, value in accelerator.get_state_dict(model).items():
-        key = _clean_name(key)
-        if key in names:
-            state[key] = value.detach().contiguous().cpu()
-    if accelerator.is_main_process and set(state) != names:
-        missing = sorted(names - set(state))
-        raise RuntimeError(f"the gathered model state lacks {len(missing)} trainable tensors, e.g. {missing[:4]}")
-    return state
-
-
-def checkpoint_hooks(accelerator) -> tuple[Callable, Callable]:
-    """The save-state and load-state pre-hooks: checkpoints hold the trainable parts only, not the frozen LLM.
-
-    Without sharding accelerate hands the save hook one state dict per model in ``weights`` and writes them
-    itself (``model.safetensors``); the hook puts the trainable state in their place. Under FSDP or DeepSpeed
-    ``weights`` is empty (accelerate has written its own sharded files): the hook gathers the trainable state
-    (on every process) and the main process writes it as ``model.safetensors``, the file the load hook reads.
-    The load hook loads that file into each model accelerate hands it and takes the model off the list; under
-    FSDP or DeepSpeed the list is empty, as accelerate has loaded the models from its own files.
-    """
-
-    def save_hook(models: list, weights: list, output_dir: str) -> None:
-        if len(weights) == len(models):
-            for i, m in enumerate(models):
-                weights[i] = accelerator.unwrap_model(m).trainable_state_dict()
-            return
-        if weights:
-            raise RuntimeError(f"accelerate handed the save hook {len(weights)} state dicts for {len(models)} models")
-        for i, m in enumerate(models):
-            state = gather_trainable_state(accelerator, m)
-            if accelerator.is_main_process:
-                save_file(state, str(Path(output_dir) / _weights_file(i)), metadata={"format": "pt"})
-
-    def load_hook(models: list, input_dir: str) -> None:
-        for i, m in enumerate(list(models)):
-            path = Path(input_dir) / _weights_file(i)
-            if not path.is_file():
-                raise FileNotFoundError(f"{input_dir} is not a training checkpoint: {path.name} is missing")
-            accelerator.unwrap_model(m).load_trainable_state_dict(load_file(str(path)))
-            models.remove(m)
-
-    return save_hook, load_hook
-
-
-def find_latest_checkpoint(output_dir: Path) -> Path | None:
-    ckpt_root = output_dir / "checkpoints"
-    if not ckpt_root.is_dir():
-        return None
-    found = []
-    for d in ckpt_root.iterdir():
-        m = re.fullmatch(r"step-(\d+)", d.name)
-        if m and (d / STATE_NAME).is_file():
-            found.append((int(m.group(1)), d))
-    return max(found)[1] if found else None
-
-
-class _JsonlLog:
-    """``log.jsonl``: one JSON record a line (train records and validation records carry ``step``; the test
-    record at the end of a run does not). Written by the main process only."""
-
-    def __init__(self, path: Path, enabled: bool) -> None:
-        self.path = path
-        self.enabled = enabled
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record, default=float) + "\n")
-
-    def truncate(self, step: int, *, revalidates: bool = False) -> int:
-        """Before a resume from the checkpoint of optimizer step ``step``: drop what the resumed run writes again,
-        so every step is logged once: the records of later steps, the test record of an earlier end of the run,
-        a torn line (a kill mid-write), and with ``revalidates`` (the checkpoint was taken before the validation
-        that closes its epoch, which the resumed run repeats) the validation records of ``step`` itself. The
-        file is replaced atomically. Returns the number of records dropped."""
-        if not self.enabled or not self.path.is_file():
-            return 0
-        kept, dropped = [], 0
-        for line in self.path.read_text().splitlines():
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                record = None
-            rstep = record.get("step") if isinstance(record, dict) else None
-            if not isinstance(rstep, (int, float)) or rstep > step or (
-                    revalidates and rstep == step and any(k.startswith("val/") for k in record)):
-                dropped += 1
-                continue
-            kept.append(line + "\n")
-        if dropped:
-            atomic_write_text(self.path, "".join(kept))
-            logger.info("%s: dropped %d record(s) after step %d, which the resumed run writes again", self.path,
-                        dropped, step)
-        return dropped
-
-
 #: what a resumed run may change: the schedule's length
 _RESUME_MAY_CHANGE = ("train.epochs", "train.max_steps")
 #: and how the data is loaded (a resume on another machine; a run from before these keys had ``num_workers: 0``)
@@ -324,48 +208,6 @@ def _find_resume_checkpoint(cfg: Config, output_dir: Path, resume: str | Path | 
     return ckpt
 
 
-class _InterruptNow(KeyboardInterrupt):
-    """A second Ctrl-C: stop at once, mid-step, so without a checkpoint (the newest one stays the resume point)."""
-
-
-class _StepBoundaryInterrupt:
-    """Ctrl-C (SIGINT) in the training loop stops the run at the next optimizer-step boundary: the handler notes
-    it and ``requested`` (checked after each step, on every process) turns it into a ``KeyboardInterrupt``
-    there, where the weights, optimizer, scheduler, RNG and counters form a state that resumes exactly. Raised
-    at once, mid-step, the interrupt would leave the RNG (random prompts, dropout) or a half-done update ahead
-    of the saved counters. A second Ctrl-C stops at once. Installed only over Python's default handler, in the
-    main thread."""
-
-    def __init__(self) -> None:
-        self.pending = False
-        self._installed = False
-
-    def _handle(self, signum, frame) -> None:
-        if self.pending:
-            raise _InterruptNow
-        self.pending = True
-        logger.warning("interrupted: stopping after this optimizer step to save a checkpoint (Ctrl-C again to "
-                       "stop at once, without one)")
-
-    def install(self) -> None:
-        if threading.current_thread() is threading.main_thread() and \
-                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            signal.signal(signal.SIGINT, self._handle)
-            self._installed = True
-
-    def uninstall(self) -> None:
-        if self._installed:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            self._installed = False
-
-    def requested(self, accelerator) -> bool:
-        """Whether any process was interrupted (a collective when there are several, so all stop together)."""
-        if accelerator.num_processes == 1:
-            return self.pending
-        flag = torch.tensor(float(self.pending), device=accelerator.device)
-        return accelerator.reduce(flag, "max").item() > 0
-
-
 #: accelerate tracker name -> the package that provides it (pip name)
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml",
                     "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab", "trackio": "trackio"}
@@ -396,26 +238,6 @@ def trackers(setting: Any) -> list[str]:
                                       f"`pip install {TRACKER_PACKAGES[name]}` (or set train.log_with=none)")
         out.append(name)
     return out
-
-
-ATTENTION_KERNELS = ("auto", "default", "math", "flash", "efficient", "cudnn")
-
-
-def attention_kernel(setting: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """``train.attention_kernel`` -> a context for the training forward that picks torch's SDPA kernel (the
-    backward follows the forward's kernel). ``auto``: the math kernel on CPU, where the flash kernel's backward is
-    slow for the short sequences here; torch's own choice elsewhere."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    if setting not in ATTENTION_KERNELS:
-        raise ConfigError(f"train.attention_kernel must be one of {list(ATTENTION_KERNELS)}, got {setting!r}")
-    if setting == "auto":
-        setting = "math" if device.type == "cpu" else "default"
-    if setting == "default":
-        return contextlib.nullcontext()
-    backend = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION,
-               "efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[setting]
-    return sdpa_kernel([backend])
 
 
 def ddp_handlers(ddp_kwargs: dict[str, Any]) -> list[Any]:
@@ -453,7 +275,6 @@ def _flat_config(cfg: Config) -> dict[str, Any]:
     walk("", to_dict(cfg))
     return flat
 
-
 def train(
     cfg: Config,
     output_dir: str | Path,
@@ -465,10 +286,30 @@ def train(
 
     ``resume``: True picks the newest checkpoint in ``output_dir/checkpoints``; a path names one.
     ``step_callback`` is called on every process after each optimizer step (used by tests).
+
+    The steps, each a function below: :func:`start_run` (checks, accelerator, resume point, ``config.yaml``,
+    seed), :func:`prepare_run` (data, model, evaluator, loaders), :func:`prepare_loop` (optimizer and schedule,
+    everything prepared, the :class:`~allspark.steploop.StepLoop`), :func:`resume_or_start`, :func:`run_epochs`
+    (validating and checkpointing as it goes), :func:`final_test` and :func:`write_outputs`.
     """
     output_dir = Path(output_dir)
     if cfg.train.stages:
         return train_stages(cfg, output_dir, resume=resume, step_callback=step_callback)
+    accelerator, resume_ckpt = start_run(cfg, output_dir, resume)
+    run = prepare_run(cfg, accelerator, fresh=resume_ckpt is None)
+    loop, precision = prepare_loop(cfg, run, accelerator, output_dir, step_callback)
+    resume_or_start(loop, cfg, run, resume_ckpt)
+    run_epochs(loop, cfg, run)
+    metrics = final_test(loop, cfg, run, precision)
+    write_outputs(loop, cfg, metrics)
+    return metrics
+
+
+def start_run(cfg: Config, output_dir: Path, resume: str | Path | bool | None):
+    """Refuse a bad setting before any work (attention kernel, data loading, quantization, keep_checkpoints), make
+    the accelerator, find the checkpoint ``resume`` names (checked against the run's ``config.yaml`` before it is
+    rewritten), write ``config.yaml`` and seed the RNG (before the model is built, so its initial weights depend
+    on the seed only). Returns (accelerator, the checkpoint to resume from or None)."""
     tcfg = cfg.train
     attention_kernel(tcfg.attention_kernel, torch.device("cpu"))  # an unknown name fails before any work
     loader_options(cfg.data)  # so does a bad data.num_workers / pin_memory / persistent_workers
@@ -484,134 +325,101 @@ def train(
         kwargs_handlers=ddp_handlers(tcfg.ddp_kwargs),
         project_dir=str(output_dir),
     )
-    main = accelerator.is_main_process
     # the resume checks read the run's config.yaml: before it is rewritten below
     resume_ckpt = _find_resume_checkpoint(cfg, output_dir, resume) if resume else None
-    if main:
+    if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, output_dir / "config.yaml")
-    set_seed(cfg.seed)  # before the model is built, so initial weights depend on the seed only
+    set_seed(cfg.seed)
+    return accelerator, resume_ckpt
 
-    with accelerator.main_process_first():
-        root = resolve_data_root(cfg)
-    train_set = build_dataset(cfg, "train", root)
-    val_set = build_dataset(cfg, "val", root)
-    test_set = build_dataset(cfg, "test", root)
-    info = train_set.info()
-    model = AllSpark(cfg, info)
-    if resume_ckpt is None:
-        init_from_data(model, train_set, cfg.data.eval_batch_size,  # one pass: no workers to keep
-                       **{**loader_options(cfg.data, accelerator.device), "persistent_workers": False})
-    if tcfg.init_from:
-        start = resolve_checkpoint(Path(tcfg.init_from).expanduser())
-        fresh = model.load_trainable_state_dict(load_file(str(start / WEIGHTS_NAME)), strict=False)
-        logger.info("initialised from %s (%d tensors not in it keep their initial values)", start, len(fresh))
-    evaluator = build_evaluator(cfg, info)
-    baselines = build_baselines(cfg, info, evaluator)  # a bad baseline config fails now, not after training
 
-    sampler = train_set.train_sampler(cfg.data.batch_size, cfg.seed)
-    if sampler is None:
-        sampler = EpochSampler(len(train_set), seed=cfg.seed)
-    loading = loader_options(cfg.data, accelerator.device)  # data.num_workers, pin_memory, persistent_workers
-    train_loader = build_loader(train_set, cfg.data.batch_size, sampler=sampler, **loading)
-    val_loader = build_loader(val_set, cfg.data.eval_batch_size, **loading)
-    test_loader = build_loader(test_set, cfg.data.eval_batch_size, **loading)
+def prepare_run(cfg: Config, accelerator, *, fresh: bool) -> Run:
+    """The run (:func:`allspark.run.build_run`): the train, val and test splits, the model on the training split's
+    info with its starting weights (:func:`init_model`), the evaluator and baselines (a bad baseline config fails
+    now, not after training) and the loaders."""
+    return build_run(cfg, accelerator=accelerator, model=lambda run: init_model(run, fresh=fresh,
+                                                                               device=accelerator.device))
 
-    optimizer = build_optimizer(cfg, model)
-    # The schedule counts single-process optimizer steps; accelerate's scheduler wrapper steps it once
-    # per process, so this stays right under data parallelism.
-    steps_per_epoch = math.ceil(len(train_loader) / tcfg.grad_accum_steps)
-    total_steps = max(1, tcfg.epochs * steps_per_epoch)
+
+def init_model(run: Run, *, fresh: bool, device) -> AllSpark:
+    """The model of ``run.cfg`` on ``run.info``, and where its weights start: in a ``fresh`` run (not a resume,
+    which loads them) the data-dependent initialisation (:func:`init_from_data`); then ``train.init_from``'s
+    trainable state, where it has the tensor."""
+    cfg = run.cfg
+    model = AllSpark(cfg, run.info)
+    if fresh:
+        init_from_data(model, run.datasets["train"], cfg.data.eval_batch_size,  # one pass: no workers to keep
+                       **{**loader_options(cfg.data, device), "persistent_workers": False})
+    if cfg.train.init_from:
+        start = resolve_checkpoint(Path(cfg.train.init_from).expanduser())
+        fresh_tensors = model.load_trainable_state_dict(load_file(str(start / WEIGHTS_NAME)), strict=False)
+        logger.info("initialised from %s (%d tensors not in it keep their initial values)", start, len(fresh_tensors))
+    return model
+
+
+def build_optimizer_and_schedule(cfg: Config, model: torch.nn.Module, train_loader):
+    """The optimizer (:func:`build_optimizer`) and the cosine schedule with warm-up (:func:`warmup_steps`) over
+    ``train.epochs`` x the optimizer steps of one pass over ``train_loader`` (not yet prepared: the schedule counts
+    single-process optimizer steps; accelerate's scheduler wrapper steps it once per process, so this stays right
+    under data parallelism). Returns (optimizer, scheduler, total steps)."""
     from transformers import get_cosine_schedule_with_warmup
 
+    tcfg = cfg.train
+    optimizer = build_optimizer(cfg, model)
+    steps_per_epoch = math.ceil(len(train_loader) / tcfg.grad_accum_steps)
+    total_steps = max(1, tcfg.epochs * steps_per_epoch)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps(tcfg, steps_per_epoch, total_steps),
                                                 total_steps)
+    return optimizer, scheduler, total_steps
+
+
+def prepare_loop(cfg: Config, run: Run, accelerator, output_dir: Path,
+                 step_callback: Callable[[TrainerState], None] | None):
+    """The optimizer and schedule; the model, optimizer, loaders (``run.loaders`` become the prepared ones) and
+    scheduler prepared by accelerate; the run's precision (logged); the :class:`StepLoop` over them, with a fresh
+    :class:`TrainerState`. Returns (loop, precision)."""
+    tcfg = cfg.train
+    optimizer, scheduler, total_steps = build_optimizer_and_schedule(cfg, run.model, run.loaders["train"])
     model, optimizer, train_loader, val_loader, test_loader, scheduler = accelerator.prepare(
-        model, optimizer, train_loader, val_loader, test_loader, scheduler
+        run.model, optimizer, run.loaders["train"], run.loaders["val"], run.loaders["test"], scheduler
     )
+    run.loaders = {"train": train_loader, "val": val_loader, "test": test_loader}
     unwrapped: AllSpark = accelerator.unwrap_model(model)
     precision = run_precision(unwrapped._llm, accelerator, tcfg.mixed_precision, cfg.model.llm.dtype)
     logger.info("precision: LLM %s, autocast %s (%s)", precision["llm_dtype"], precision["mixed_precision"],
                 precision["reason"])
+    loop = StepLoop(accelerator, model, optimizer, scheduler, TrainerState(), output_dir,
+                    max_grad_norm=tcfg.max_grad_norm, attention_kernel=tcfg.attention_kernel,
+                    keep_checkpoints=tcfg.keep_checkpoints, accumulate=True, total=total_steps,
+                    desc=f"train {cfg.modality}", step_callback=step_callback)
+    return loop, precision
 
-    # Checkpoints hold the trainable parts only, not the frozen LLM (sharded or not: see checkpoint_hooks).
-    _save_hook, _load_hook = checkpoint_hooks(accelerator)
-    accelerator.register_save_state_pre_hook(_save_hook)
-    accelerator.register_load_state_pre_hook(_load_hook)
 
-    state = TrainerState()
+def resume_or_start(loop: StepLoop, cfg: Config, run: Run, resume_ckpt: Path | None) -> None:
+    """Resume from ``resume_ckpt`` (weights, optimizer, schedule, RNG, counters; ``log.jsonl`` cut back to its
+    step) or start at step 0; then start the trackers with the full resolved config."""
     if resume_ckpt is not None:
-        ckpt = resume_ckpt
-        accelerator.load_state(str(ckpt))
-        state = TrainerState(**json.loads((ckpt / STATE_NAME).read_text()))
-        logger.info("resumed from %s at epoch %d, batch %d, step %d", ckpt, state.epoch, state.batches_in_epoch,
-                    state.global_step)
         # a checkpoint taken on the epoch's last batch precedes that epoch's validation, which the run repeats
-        _JsonlLog(output_dir / "log.jsonl", main).truncate(
-            state.global_step, revalidates=state.batches_in_epoch >= len(train_loader))
+        state = loop.resume(resume_ckpt, TrainerState,
+                            revalidates=lambda s: s.batches_in_epoch >= len(run.loaders["train"]))
+        logger.info("resumed from %s at epoch %d, batch %d, step %d", resume_ckpt, state.epoch,
+                    state.batches_in_epoch, state.global_step)
+    loop.start_trackers(cfg.modality, _flat_config(cfg))
 
-    log = _JsonlLog(output_dir / "log.jsonl", main)
-    accelerator.init_trackers(cfg.modality, config=_flat_config(cfg))  # the full resolved config
 
-    def save_checkpoint() -> None:
-        ckpt = output_dir / "checkpoints" / f"step-{state.global_step}"
-        tmp = ckpt.with_name(ckpt.name + ".tmp")
-        if main and tmp.exists():
-            shutil.rmtree(tmp)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()  # every process has written its part before the folder is renamed
-        if main:
-            atomic_write_text(tmp / STATE_NAME, json.dumps(asdict(state)))
-            if ckpt.exists():
-                shutil.rmtree(ckpt)
-            tmp.rename(ckpt)  # a checkpoint folder appears whole or not at all
-            old = sorted(
-                (int(m.group(1)), d) for d in ckpt.parent.iterdir()
-                if (m := re.fullmatch(r"step-(\d+)", d.name))
-            )
-            for _, d in old[: max(0, len(old) - tcfg.keep_checkpoints)]:
-                shutil.rmtree(d, ignore_errors=True)
-            for d in ckpt.parent.iterdir():  # folders of saves a kill interrupted: never a resume point
-                if re.fullmatch(r"step-\d+\.tmp", d.name) and d.is_dir():
-                    shutil.rmtree(d, ignore_errors=True)
-        accelerator.wait_for_everyone()
-
-    def evaluate_split(loader, desc) -> dict[str, Any]:
-        gathered = collect_predictions(model, loader, accelerator, evaluator.pred_keys, evaluator.batch_keys, desc)
-        return evaluator.compute(gathered)
-
-    def validate(epoch_float: float) -> None:
-        metrics = evaluate_split(val_loader, "val")
-        value = metrics.get(tcfg.metric_for_best)
-        if not isinstance(value, (int, float)):
-            raise ConfigError(f"train.metric_for_best={tcfg.metric_for_best!r} is not a metric of "
-                           f"{cfg.eval.protocol!r}; it reports {sorted(metrics)}")
-        better = state.best_metric is None or (
-            value > state.best_metric if tcfg.greater_is_better else value < state.best_metric
-        )
-        if better:
-            state.best_metric, state.best_epoch = float(value), round(epoch_float, 3)
-            accelerator.wait_for_everyone()
-            best = gather_trainable_state(accelerator, model)  # on every process: the gather may be collective
-            if main:
-                unwrapped.save_pretrained(output_dir / BEST_DIR, state=best)
-        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        log.write({"epoch": round(epoch_float, 3), "step": state.global_step,
-                   **{f"val/{k}": v for k, v in scalars.items()}, "best": better})
-        accelerator.log({f"val/{k}": v for k, v in scalars.items()}, step=state.global_step)
-        model.train()
-
+def run_epochs(loop: StepLoop, cfg: Config, run: Run) -> None:
+    """The epochs from the state's position (a resumed run skips the batches its epoch has seen): an optimizer
+    step every ``train.grad_accum_steps`` micro-batches, the running loss (and scalar ``Output.extras``, e.g.
+    the alignment term) logged every ``train.log_every_steps``, a checkpoint every ``train.save_every_steps``;
+    at an epoch's end validation (every ``train.eval_every_epochs`` and at the last) and a checkpoint.
+    ``train.max_steps`` stops the run early, validating and checkpointing where it stops."""
+    tcfg, accelerator, state = cfg.train, loop.accelerator, loop.state
+    train_loader = run.loaders["train"]
     stop = False
-    from tqdm.auto import tqdm
-
-    progress = tqdm(total=total_steps, initial=state.global_step, disable=not accelerator.is_local_main_process,
-                    desc=f"train {cfg.modality}")
     running_loss, running_count, t0 = 0.0, 0, time.perf_counter()
     running_extras: dict[str, list[float]] = {}  # scalar Output.extras (e.g. the alignment term), logged too
-    interrupt = _StepBoundaryInterrupt()
-    try:
-        interrupt.install()
+    with loop.running():
         while state.epoch < tcfg.epochs and not stop:
             epoch = state.epoch
             accelerator.step = 0  # accumulation boundaries restart with each epoch
@@ -621,21 +429,9 @@ def train(
             # accelerate's loaders pass their own iteration count to the sampler on every pass; set the
             # true epoch so a resumed run (which starts on a fresh skip-loader) sees the same order.
             loader.set_epoch(epoch)
-            model.train()
+            loop.model.train()
             for batch in loader:
-                with accelerator.accumulate(model):
-                    with attention_kernel(tcfg.attention_kernel, accelerator.device):
-                        out = model(batch)
-                    if out.loss is None:
-                        raise ValueError("the head returned no loss for a training batch (are labels missing?)")
-                    accelerator.backward(out.loss)
-                    if accelerator.sync_gradients and tcfg.max_grad_norm:
-                        accelerator.clip_grad_norm_(
-                            [p for p in model.parameters() if p.requires_grad], tcfg.max_grad_norm
-                        )
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+                out = loop.update(batch)
                 state.batches_in_epoch += 1
                 running_loss += out.loss.detach().float().item()
                 running_count += 1
@@ -644,73 +440,87 @@ def train(
                         running_extras.setdefault(key, []).append(value.detach().float().item())
                 if not accelerator.sync_gradients:
                     continue
-                state.global_step += 1
-                progress.update(1)
-                if state.global_step % tcfg.log_every_steps == 0:
-                    loss = accelerator.reduce(torch.tensor(running_loss / running_count,
-                                                           device=accelerator.device), "mean").item()
+                loop.count_step()
+                if loop.due(tcfg.log_every_steps):
+                    loss = loop.mean(running_loss / running_count)
                     record = {"step": state.global_step, "epoch": epoch + state.batches_in_epoch / len(train_loader),
-                              "loss": loss, "lr": scheduler.get_last_lr()[0],
+                              "loss": loss, "lr": loop.scheduler.get_last_lr()[0],
                               "seconds": round(time.perf_counter() - t0, 2)}
-                    extras = {f"train/{k}": accelerator.reduce(torch.tensor(sum(v) / len(v), device=accelerator.device),
-                                                               "mean").item()
-                              for k, v in sorted(running_extras.items()) if v}
+                    extras = {f"train/{k}": loop.mean(sum(v) / len(v)) for k, v in sorted(running_extras.items()) if v}
                     record.update(extras)
-                    log.write(record)
-                    accelerator.log({"train/loss": loss, "train/lr": record["lr"], **extras}, step=state.global_step)
-                    progress.set_postfix(loss=f"{loss:.4f}")
+                    loop.record(record, {"train/loss": loss, "train/lr": record["lr"], **extras})
+                    loop.progress.set_postfix(loss=f"{loss:.4f}")
                     running_loss, running_count = 0.0, 0
                     running_extras.clear()
-                if step_callback is not None:
-                    step_callback(state)
-                if interrupt.requested(accelerator):
-                    raise KeyboardInterrupt
-                if tcfg.save_every_steps and state.global_step % tcfg.save_every_steps == 0:
-                    save_checkpoint()
+                loop.boundary()
+                if loop.due(tcfg.save_every_steps):
+                    loop.save_checkpoint()
                 if tcfg.max_steps and state.global_step >= tcfg.max_steps:
                     stop = True
                     break
             if stop and state.batches_in_epoch < len(train_loader):
-                validate(epoch + state.batches_in_epoch / len(train_loader))
-                save_checkpoint()
+                validate(loop, cfg, run, epoch + state.batches_in_epoch / len(train_loader))
+                loop.save_checkpoint()
                 break
             # End of epoch: validate, keep the best, checkpoint for resume.
             state.epoch, state.batches_in_epoch = epoch + 1, 0
             if (epoch + 1) % tcfg.eval_every_epochs == 0 or epoch + 1 == tcfg.epochs or stop:
-                validate(epoch + 1)
-            save_checkpoint()
-        if interrupt.requested(accelerator):  # Ctrl-C during the last validation or checkpoint
-            raise KeyboardInterrupt
-    except _InterruptNow:
-        logger.warning("interrupted again: stopping at once; the newest checkpoint is the one to resume from")
-        raise
-    except KeyboardInterrupt:
-        logger.warning("interrupted: saving a checkpoint at step %d to resume from", state.global_step)
-        save_checkpoint()
-        raise
-    finally:
-        interrupt.uninstall()
-        progress.close()
+                validate(loop, cfg, run, epoch + 1)
+            loop.save_checkpoint()
 
+
+def validate(loop: StepLoop, cfg: Config, run: Run, epoch_float: float) -> None:
+    """The validation split's metrics, logged (``val/<metric>``, and whether they are the best so far); the best
+    on ``train.metric_for_best`` (direction ``train.greater_is_better``) is saved as ``best/``."""
+    tcfg, state = cfg.train, loop.state
+    metrics = loop.evaluate(loop.model, run.loaders["val"], run.evaluator, "val")
+    value = metrics.get(tcfg.metric_for_best)
+    if not isinstance(value, (int, float)):
+        raise ConfigError(f"train.metric_for_best={tcfg.metric_for_best!r} is not a metric of "
+                          f"{cfg.eval.protocol!r}; it reports {sorted(metrics)}")
+    better = state.best_metric is None or (
+        value > state.best_metric if tcfg.greater_is_better else value < state.best_metric
+    )
+    if better:
+        state.best_metric, state.best_epoch = float(value), round(epoch_float, 3)
+        loop.save_best()
+    scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    loop.record({"epoch": round(epoch_float, 3), "step": state.global_step,
+                 **{f"val/{k}": v for k, v in scalars.items()}, "best": better},
+                {f"val/{k}": v for k, v in scalars.items()})
+    loop.model.train()
+
+
+def final_test(loop: StepLoop, cfg: Config, run: Run, precision: dict[str, Any]) -> dict[str, Any]:
+    """The run's metrics: the best validation value and its epoch, the precision, and with ``train.test_at_end``
+    the test split's metrics of the best weights, beside the classical baselines (fitted on the training split)
+    and the probes of the model."""
+    tcfg, state, accelerator = cfg.train, loop.state, loop.accelerator
     accelerator.wait_for_everyone()
     metrics = {"split": "test" if tcfg.test_at_end else None, "best_epoch": state.best_epoch,
                f"val/{tcfg.metric_for_best}": state.best_metric, "num_processes": accelerator.num_processes}
     metrics["precision"] = precision
     if tcfg.test_at_end:  # test-split metrics of the best weights
-        unwrapped.load_trainable_state_dict(load_file(str(output_dir / BEST_DIR / WEIGHTS_NAME)))
-        metrics.update(evaluate_split(test_loader, "test"))
-        if main:  # classical baselines on the same split, fitted on the training split (and probes of the model)
-            metrics.update(baseline_metrics(cfg, evaluator, baselines, train_set, test_set, unwrapped))
-    if main:
-        write_metrics(output_dir / "metrics.json", metrics)
+        loop.load_best()
+        metrics.update(loop.evaluate(loop.model, run.loaders["test"], run.evaluator, "test"))
+        if loop.main:  # classical baselines on the same split, fitted on the training split (and probes of the model)
+            metrics.update(baseline_metrics(cfg, run.evaluator, run.baselines, run.datasets["train"],
+                                            run.datasets["test"], loop.unwrapped))
+    return metrics
+
+
+def write_outputs(loop: StepLoop, cfg: Config, metrics: dict[str, Any]) -> None:
+    """``metrics.json``, the model card of ``best/`` and the test record of ``log.jsonl`` (main process); then
+    the trackers are closed."""
+    if loop.main:
+        write_metrics(loop.output_dir / "metrics.json", metrics)
         from allspark.model_card import write_model_card
 
-        write_model_card(output_dir / BEST_DIR, cfg, unwrapped.info, metrics,
-                         num_trainable=unwrapped.num_parameters(trainable_only=True))
-        if tcfg.test_at_end:
-            log.write({"test/" + k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-    accelerator.end_training()
-    return metrics
+        write_model_card(loop.output_dir / BEST_DIR, cfg, loop.unwrapped.info, metrics,
+                         num_trainable=loop.unwrapped.num_parameters(trainable_only=True))
+        if cfg.train.test_at_end:
+            loop.log.write({"test/" + k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+    loop.accelerator.end_training()
 
 
 def train_stages(

@@ -72,16 +72,18 @@ def test_a_bad_setting_fails_before_training_starts(override, message, tmp_path)
 def test_every_training_loader_gets_the_settings(monkeypatch, tmp_path):
     """train() hands data.num_workers / pin_memory / persistent_workers to its train, validation and test loaders
     (and the data-dependent start's one pass)."""
+    import allspark.run as run_module
     import allspark.training as training
 
     seen = []
-    real = training.build_loader
+    real = run_module.build_loader
 
     def spy(dataset, batch_size, **kwargs):
         seen.append((dataset.split, kwargs))
         return real(dataset, batch_size, **kwargs)
 
-    monkeypatch.setattr(training, "build_loader", spy)
+    monkeypatch.setattr(run_module, "build_loader", spy)  # the run's loaders (allspark.run.build_run)
+    monkeypatch.setattr(training, "build_loader", spy)  # the data-dependent start's pass
     cfg = load_config("table", overrides=[*OVERRIDES["table"], *SHORT, "train.max_steps=1", "train.test_at_end=false",
                                           "data.num_workers=1", "data.pin_memory=false",
                                           "data.persistent_workers=false"])

@@ -10,6 +10,7 @@ from tests.helpers import reset_accelerate
 import torch
 
 import allspark.data as data_module
+import allspark.run as run_module
 from allspark.config import ConfigError
 from allspark.data import build_dataset
 from allspark.multitask import evaluate_joint, load_joint_config, resolve_task_configs, train_joint
@@ -39,6 +40,7 @@ def loaders(monkeypatch):
         return original(dataset, batch_size, **kwargs)
 
     monkeypatch.setattr(data_module, "build_loader", recording)
+    monkeypatch.setattr(run_module, "build_loader", recording)  # each task's run (allspark.run.Run.build_loaders)
     return calls
 
 

@@ -325,10 +325,10 @@ def test_best_holds_the_epoch_with_the_lowest_rmse(tmp_path, monkeypatch):
     """Table regression selects on RMSE, lower is better. The validation RMSE of each epoch is scripted (the real
     ones of a tiny run need not have an interior minimum): best/ must hold the weights of epoch 2, the lowest,
     not the first, the last or the highest."""
-    import allspark.training as training
+    import allspark.run as run_module
 
     scripted = iter([5.0, 3.0, 4.0, 3.5])
-    real_build = training.build_evaluator
+    real_build = run_module.build_evaluator
 
     def build_evaluator(cfg, info):
         evaluator = real_build(cfg, info)
@@ -336,7 +336,7 @@ def test_best_holds_the_epoch_with_the_lowest_rmse(tmp_path, monkeypatch):
         evaluator.compute = lambda gathered: {**compute(gathered), "RMSE": next(scripted)}
         return evaluator
 
-    monkeypatch.setattr(training, "build_evaluator", build_evaluator)
+    monkeypatch.setattr(run_module, "build_evaluator", build_evaluator)  # the run's evaluator (allspark.run.build_run)
     cfg = load_config("table", overrides=tiny_overrides() + [
         "data.args.train_ratio=0.02", "data.batch_size=16", "train.epochs=4", "train.keep_checkpoints=10",
         "train.test_at_end=false", "eval.baselines=[]"])

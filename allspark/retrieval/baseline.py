@@ -18,20 +18,18 @@ __all__ = ["untrained_metrics", "main"]
 def untrained_metrics(cfg, split: str = "test") -> dict[str, Any]:
     from accelerate.utils import set_seed
 
-    from allspark.data import build_dataset, build_loader, loader_options, resolve_data_root
     from allspark.distributed import make_accelerator
-    from allspark.evaluation import build_evaluator, collect_predictions
+    from allspark.evaluation import collect_predictions
     from allspark.model import AllSpark
+    from allspark.run import build_run
 
     accelerator = make_accelerator()
     set_seed(cfg.seed)
-    root = resolve_data_root(cfg)
-    info = build_dataset(cfg, "train", root).info()
-    model = AllSpark(cfg, info)
-    dataset = build_dataset(cfg, split, root)
-    evaluator = build_evaluator(cfg, info)
-    loader = build_loader(dataset, cfg.data.eval_batch_size, **loader_options(cfg.data, accelerator.device))
-    model, loader = accelerator.prepare(model, loader)
+    # the training split for the data info (the model is built on it as train.py builds it), the scored split
+    run = build_run(cfg, splits=list(dict.fromkeys(("train", split))), accelerator=accelerator,
+                    model=lambda run: AllSpark(run.cfg, run.info), loaders="eval")
+    model, loader = accelerator.prepare(run.model, run.loaders[split])
+    evaluator = run.evaluator
     gathered = collect_predictions(model, loader, accelerator, evaluator.pred_keys, evaluator.batch_keys, split)
     return {"split": split, "untrained": True, **evaluator.compute(gathered)}
 
