@@ -712,7 +712,7 @@ def read_scene_cube(path: Path, bands: int, *, cube_key: str | None = None
                 page = tf.pages[0]
                 cube = tf.asarray()
                 contig = getattr(page, "planarconfig", None) == tifffile.PLANARCONFIG.CONTIG and len(tf.pages) == 1
-                geo = [(t.code, int(t.dtype), t.count, t.value) for t in page.tags.values() if t.code in GEO_TAGS]
+                geo = page_geotags(page)
         except Exception as exc:  # tifffile raises TiffFileError, ValueError, struct.error ... on bad files
             raise DatasetFormatError(f"cannot decode TIFF {path}: {type(exc).__name__}: {exc}") from exc
         if cube.ndim == 3:
@@ -840,6 +840,11 @@ def write_preview(path: Path, classes: np.ndarray, class_names: Sequence[str], t
 # -- segmentation tiles ------------------------------------------------------------------------------------------
 
 
+def page_geotags(page) -> list[tuple[int, int, int, Any]]:
+    """A tifffile page's GeoTIFF georeferencing tags as ``(code, dtype, count, value)``, ready for ``extratags``."""
+    return [(t.code, int(t.dtype), t.count, t.value) for t in page.tags.values() if t.code in GEO_TAGS]
+
+
 def read_geotags(path: Path) -> list[tuple[int, int, int, Any]]:
     """The GeoTIFF georeferencing tags of a TIFF file's first page (none for another format)."""
     if path.suffix.lower() not in TIFF_SUFFIXES:
@@ -850,7 +855,7 @@ def read_geotags(path: Path) -> list[tuple[int, int, int, Any]]:
 
     try:
         with tifffile.TiffFile(str(path)) as tf:
-            return [(t.code, int(t.dtype), t.count, t.value) for t in tf.pages[0].tags.values() if t.code in GEO_TAGS]
+            return page_geotags(tf.pages[0])
     except Exception as exc:  # tifffile raises TiffFileError, ValueError, struct.error ... on bad files
         raise DatasetFormatError(f"cannot decode TIFF {path}: {type(exc).__name__}: {exc}") from exc
 
