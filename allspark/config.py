@@ -118,7 +118,10 @@ class HeadConfig:
 class PromptConfig:
     #: name of the prompt set in the ``prompts`` package (defaults to the modality name)
     set: str | None = None
-    #: ``random``: a random prompt per training example (paper); ``first``: always the first
+    #: ``random``: a random prompt per training example (paper); ``per_batch``: one random prompt per training batch,
+    #: shared by all its rows (every prompt of the set still trains over the steps; with ``prompt_first`` the prompt
+    #: then runs through the LLM once per step, not once per distinct prompt of the batch: fewer token positions,
+    #: measured in benchmarks/throughput.py); ``first``: always the first
     train_choice: str = "random"
     #: wrap every prompt in the LLM tokenizer's chat template (``apply_chat_template``: the prompt as the user's
     #: message, then the assistant's turn opened, ``add_generation_prompt``) before it is tokenised, for the

@@ -48,6 +48,7 @@ __all__ = ["AllSpark", "WEIGHTS_NAME", "CONFIG_NAME", "INFO_NAME", "ADAPTER_DIR"
 
 #: ``model.sequence``: the paper's [s_i | prompt] (default) or [prompt | s_i] (cacheable evaluation prompt)
 SEQUENCE_ORDERS = ("modality_first", "prompt_first")
+PROMPT_CHOICES = ("random", "per_batch", "first")
 # the checkpoint names (WEIGHTS_NAME, CONFIG_NAME, INFO_NAME, ADAPTER_DIR, EXPORT_PARTS_DIR) live in
 # allspark.checkpoints and stay importable from here
 
@@ -100,8 +101,9 @@ class AllSpark(nn.Module):
         )
         self._build_auxiliary(mcfg)
         self.prompts = load_prompts(mcfg.prompts.set or cfg.modality, self.info)
-        if mcfg.prompts.train_choice not in ("random", "first"):
-            raise ConfigError(f"model.prompts.train_choice must be 'random' or 'first', got {mcfg.prompts.train_choice!r}")
+        if mcfg.prompts.train_choice not in PROMPT_CHOICES:
+            raise ConfigError(f"model.prompts.train_choice must be one of {list(PROMPT_CHOICES)}, "
+                              f"got {mcfg.prompts.train_choice!r}")
         if mcfg.sequence not in SEQUENCE_ORDERS:
             raise ConfigError(f"model.sequence must be one of {list(SEQUENCE_ORDERS)}, got {mcfg.sequence!r}")
         #: per prompt index: (model-state key, its embedding / key-value cache), see _prompt_state
@@ -266,8 +268,12 @@ class AllSpark(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------
     def choose_prompts(self, batch_size: int, device: torch.device) -> torch.Tensor:
-        """A random prompt per example in training (paper III-E), the first one otherwise."""
-        if self.training and self.cfg.model.prompts.train_choice == "random" and len(self.prompts) > 1:
+        """In training a random prompt per example (``random``, paper III-E) or one per batch (``per_batch``); the
+        first one otherwise (and with ``first``). Drawn from torch's global RNG on the CPU."""
+        choice = self.cfg.model.prompts.train_choice
+        if self.training and choice != "first" and len(self.prompts) > 1:
+            if choice == "per_batch":
+                return torch.randint(len(self.prompts), (1,), device="cpu").repeat(batch_size).to(device)
             return torch.randint(len(self.prompts), (batch_size,), device="cpu").to(device)
         return torch.zeros(batch_size, dtype=torch.long, device=device)
 

@@ -78,6 +78,25 @@ def best_time(fn, repeats: int) -> float:
     return min(times)
 
 
+def profile_step(fn, title: str, rows: int) -> None:
+    """``torch.profiler`` over one call of ``fn`` (after a warm-up): the ops by self CPU time (printed), and the
+    share of the step spent in matrix products (``aten::mm``/``addmm``/``bmm``/``_weight_int`` ... and SDPA
+    attention) against everything else."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    matrix = sum(e.self_cpu_time_total for e in events
+                 if e.key in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul")
+                 or "scaled_dot_product" in e.key or "flash_attention" in e.key)
+    print(f"\nprofile of one {title}: {total / 1e6:.2f} s of self CPU time, {matrix / max(total, 1):.0%} in matrix "
+          f"products and attention kernels")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
 def bench_modality(modality: str, requested: str, args) -> dict:
     dtype_name = auto_precision()["dtype"] if requested == "auto" else requested
     overrides = [f"model.llm.dtype={LLM_DTYPES[dtype_name]}"]
@@ -123,6 +142,8 @@ def bench_modality(modality: str, requested: str, args) -> dict:
             model(batch)
 
     train_flops = count_flops(train_step)
+    if args.profile:
+        profile_step(train_step, f"{modality} {dtype_name} train step", args.profile)
     eval_flops = count_flops(eval_forward_with_grad_mode)
     rss0 = peak_rss_mib()
     t_train = best_time(train_step, args.repeats)
@@ -166,6 +187,8 @@ def main() -> None:
     p.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
                    help="config overrides, e.g. model.prompt_sharing=false")
     p.add_argument("--paper", action="store_true", help="the paper's model sizes instead of the demo block")
+    p.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                   help="also profile one training step with torch.profiler and print its ROWS costliest ops")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "throughput.json")
     args = p.parse_args()
     if args.threads:

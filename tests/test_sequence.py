@@ -172,6 +172,36 @@ def test_shared_prompt_training_forward_equals_the_full_forward_and_its_gradient
     assert _max_diff(wrong, outs[1]) > 1e-3
 
 
+def test_per_batch_prompt_choice_shares_one_prompt_per_batch_and_covers_the_set(prompt_first):
+    """``model.prompts.train_choice: per_batch``: in training every row of a batch gets the same prompt, drawn from
+    torch's RNG (so seeded runs repeat it), and over steps every prompt of the set is drawn; ``random`` gives rows
+    different prompts; evaluation uses the first prompt either way; an unknown choice is refused."""
+    _, model, _ = prompt_first
+    choice, k = model.cfg.model.prompts.train_choice, len(model.prompts)
+    assert k == 3
+    model.train()
+    try:
+        model.cfg.model.prompts.train_choice = "per_batch"
+        torch.manual_seed(1)
+        draws = [model.choose_prompts(16, torch.device("cpu")) for _ in range(40)]
+        assert all(d.shape == (16,) and d.dtype == torch.long and bool((d == d[0]).all()) for d in draws)
+        assert {int(d[0]) for d in draws} == set(range(k))
+        torch.manual_seed(1)
+        assert all(torch.equal(d, model.choose_prompts(16, torch.device("cpu"))) for d in draws)
+        model.cfg.model.prompts.train_choice = "random"
+        torch.manual_seed(1)
+        assert any(len(set(model.choose_prompts(16, torch.device("cpu")).tolist())) > 1 for _ in range(5))
+        model.eval()
+        for c in ("per_batch", "random", "first"):
+            model.cfg.model.prompts.train_choice = c
+            assert torch.equal(model.choose_prompts(4, torch.device("cpu")), torch.zeros(4, dtype=torch.long))
+    finally:
+        model.cfg.model.prompts.train_choice = choice
+    cfg = load_config("hsi", overrides=TINY_HSI + ["model.prompts.train_choice=per_example"])
+    with pytest.raises(ValueError, match=r"train_choice must be one of \['random', 'per_batch', 'first'\], got 'per_example'"):
+        AllSpark.from_config(cfg, build_dataset(cfg, "train").info())
+
+
 def test_prompt_first_trains_with_full_forwards(prompt_first):
     _, model, batch = prompt_first
     model.train()
