@@ -43,6 +43,80 @@ def run(args: list[str], *, env: dict | None = None, timeout: int = 600, cwd: Pa
                           cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
+def _entry(args: list[str]):
+    """The entry function behind the script ``run(args)`` starts (``train.py``, ``evaluate.py``,
+    ``-m allspark ...``), called with the rest of ``args``: for ``run_inprocess``."""
+    from allspark import cli
+
+    if args[0] == "train.py":
+        return lambda: cli.train_main(args[1:])
+    if args[0] == "evaluate.py":
+        return lambda: cli.evaluate_main(args[1:])
+    if args[:2] == ["-m", "allspark"]:
+        return lambda: cli.main(args[2:])
+    raise ValueError(f"run_inprocess: not an allspark entry point: {args[:2]}")
+
+
+def run_inprocess(args: list[str], *, env: dict | None = None, cwd: Path = ROOT,
+                  threads: int | None = None) -> subprocess.CompletedProcess:
+    """``run(args)`` without the subprocess, for tests whose subject is the code behind ``train.py``,
+    ``evaluate.py`` or ``python -m allspark ...``, not the process boundary: the same entry function under the same
+    ``allspark.cli.run_cli`` wrapper (its one-line ``error: ...`` and exit status 2 for user errors), in this process,
+    with accelerate's singletons reset before and after. Returns what ``run`` returns: the exit status (``SystemExit``'s
+    code; 1 and the traceback on stderr for an exception that escapes ``run_cli``, as the interpreter does), stdout and
+    stderr. ``env`` is set for the call and restored after; ``threads`` sets torch's intra-op thread count for the
+    call (what ``OMP_NUM_THREADS`` sets in a subprocess). Log records go to pytest's log capture, not stderr."""
+    import contextlib
+    import io
+    import logging
+    import traceback
+
+    import torch
+
+    from allspark.cli import run_cli
+
+    fn = _entry(list(args))
+    out, err = io.StringIO(), io.StringIO()
+    saved_env = {k: os.environ.get(k) for k in (env or {})}
+    root = logging.getLogger()
+    saved_handlers, saved_level = list(root.handlers), root.level
+    noisy = {name: logging.getLogger(name).level
+             for name in ("accelerate.checkpointing", "accelerate.accelerator", "httpx")}
+    saved_threads = torch.get_num_threads()
+    saved_cwd = os.getcwd()
+    code = 0
+    reset_accelerate()
+    try:
+        os.environ.update(env or {})
+        if threads is not None:
+            torch.set_num_threads(threads)
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                run_cli(fn)
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+                if exc.code is not None and not isinstance(exc.code, int):
+                    print(exc.code, file=sys.stderr)  # argparse / sys.exit("message"), as the interpreter prints
+            except Exception:  # noqa: BLE001 - what the interpreter does with an uncaught exception
+                code = 1
+                traceback.print_exc(file=sys.stderr)
+    finally:
+        os.chdir(saved_cwd)
+        torch.set_num_threads(saved_threads)
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+        for name, level in noisy.items():
+            logging.getLogger(name).setLevel(level)
+        reset_accelerate()
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+
+
 def fit_one_batch(model, batch: dict, steps: int, lr: float = 1e-2) -> list[float]:
     """Train ``model``'s trainable parameters on one batch with AdamW; the loss of every step."""
     import torch

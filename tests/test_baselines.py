@@ -16,7 +16,7 @@ from allspark.config import ConfigError, load_config
 from allspark.evaluation import build_evaluator
 from allspark.evaluation.classification import ClassificationEvaluator
 from allspark.evaluation.regression import TrajectoryEvaluator, constant_velocity
-from tests.helpers import TINY_HSI, run
+from tests.helpers import TINY_HSI, run_inprocess
 
 
 class ListSet:
@@ -152,8 +152,8 @@ def test_bad_baseline_config_is_one_clear_error(spec, message):
 
 
 def test_unknown_baseline_from_the_command_line_exits_2_before_training(tmp_path):
-    proc = run(["train.py", "--modality", "hsi", "--output-dir", str(tmp_path / "run"), *TINY_HSI,
-                "eval.baselines=[{type: svn, args: {inputs: [spectrum]}}]"], timeout=300)
+    proc = run_inprocess(["train.py", "--modality", "hsi", "--output-dir", str(tmp_path / "run"), *TINY_HSI,
+                          "eval.baselines=[{type: svn, args: {inputs: [spectrum]}}]"])
     assert proc.returncode == 2, proc.stderr[-2000:]
     err = proc.stderr.strip().splitlines()[-1]
     assert err.startswith("error:") and "svn" in err and "svm" in err
@@ -162,7 +162,7 @@ def test_unknown_baseline_from_the_command_line_exits_2_before_training(tmp_path
 
 def test_hsi_run_and_evaluation_report_baselines_beside_the_model(tmp_path):
     out = tmp_path / "run"
-    proc = run(["train.py", "--modality", "hsi", "--output-dir", str(out), *TINY_HSI, "train.epochs=1"], timeout=600)
+    proc = run_inprocess(["train.py", "--modality", "hsi", "--output-dir", str(out), *TINY_HSI, "train.epochs=1"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["main_metric"] == "OA" and metrics["greater_is_better"] is True
@@ -171,7 +171,7 @@ def test_hsi_run_and_evaluation_report_baselines_beside_the_model(tmp_path):
     # on the demo scene a spectral SVM is far above chance (1/9): the baseline is a real classifier
     assert metrics["baselines"]["svm"]["OA"] > 0.3
     assert metrics["best_baseline"]["name"] in ("svm", "random_forest")
-    proc = run(["evaluate.py", "--modality", "hsi", "--checkpoint", str(out)], timeout=600)
+    proc = run_inprocess(["evaluate.py", "--modality", "hsi", "--checkpoint", str(out)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     ev = json.loads((out / "eval" / "metrics.json").read_text())
     # the same fit on the same split: the same figures in training's metrics.json and evaluate.py's

@@ -14,7 +14,7 @@ from allspark.config import AdapterConfig, load_config
 from allspark.data import build_dataset
 from allspark.llm import load_llm
 from allspark.model import ADAPTER_DIR, EXPORT_PARTS_DIR, AllSpark
-from tests.helpers import TINY_HSI, fit_one_batch, run
+from tests.helpers import TINY_HSI, fit_one_batch, run, run_inprocess
 
 
 def _tiny_model(*extra: str) -> tuple[AllSpark, dict]:
@@ -123,7 +123,7 @@ def _train_cmd(out, port=None, *extra):
     common = [*TINY_HSI, "train.epochs=1", "train.max_steps=2", "train.test_at_end=false",
               "model.prompts.train_choice=first", "data.eval_batch_size=50", *extra]
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)] \
-        if port else [sys.executable]
+        if port else []
     return [*launch, "train.py", "--modality", "hsi", "--output-dir", str(out), *common]
 
 
@@ -132,7 +132,8 @@ def test_best_of_two_processes_equals_best_of_one(tmp_path):
     """``best/`` is gathered through accelerate on every process and written by the main one: two processes with a
     batch each per step write exactly the weights one process writes accumulating the same two batches."""
     env = {"OMP_NUM_THREADS": "1"}  # the same kernels (thread count) in every process
-    one = run(_train_cmd(tmp_path / "one", None, "train.grad_accum_steps=2"), env=env)
+    # the one-process reference: train.py's entry function in this process, on one thread as well
+    one = run_inprocess(_train_cmd(tmp_path / "one", None, "train.grad_accum_steps=2"), env=env, threads=1)
     assert one.returncode == 0, one.stderr[-3000:]
     two = run(_train_cmd(tmp_path / "two", _free_port(), "train.grad_accum_steps=1"), env=env)
     assert two.returncode == 0, two.stderr[-3000:]
@@ -202,7 +203,7 @@ def test_export_writes_a_plain_transformers_folder_and_the_package_parts(tmp_pat
     _randomise_trainable(model)
     model.save_pretrained(tmp_path / "run" / "best")
     out = tmp_path / "export"
-    done = run(["-m", "allspark", "export", "--checkpoint", str(tmp_path / "run"), "--out", str(out)])
+    done = run_inprocess(["-m", "allspark", "export", "--checkpoint", str(tmp_path / "run"), "--out", str(out)])
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"to {out}" in done.stdout
 
@@ -235,7 +236,7 @@ def test_export_writes_a_plain_transformers_folder_and_the_package_parts(tmp_pat
     print(f"AllSpark rebuilt on the exported LLM vs the trained model: max abs head-logit difference {head_diff:.3e}")
     assert head_diff <= 1e-4
 
-    again = run(["-m", "allspark", "export", "--checkpoint", str(tmp_path / "run"), "--out", str(out)])
+    again = run_inprocess(["-m", "allspark", "export", "--checkpoint", str(tmp_path / "run"), "--out", str(out)])
     assert again.returncode == 2 and again.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "exists already" in again.stderr
 
@@ -244,7 +245,8 @@ def test_export_refuses_the_bottleneck_adapter(tmp_path):
     model, _ = _tiny_model("model.llm.adapter.type=bottleneck", "model.llm.adapter.bottleneck_dim=8")
     model.save_pretrained(tmp_path / "ckpt")
     assert not (tmp_path / "ckpt" / ADAPTER_DIR).exists(), "only a PEFT LoRA adapter has a PEFT folder"
-    done = run(["-m", "allspark", "export", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "x")])
+    done = run_inprocess(["-m", "allspark", "export", "--checkpoint", str(tmp_path / "ckpt"),
+                          "--out", str(tmp_path / "x")])
     assert done.returncode == 2, done.stderr[-2000:]
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "bottleneck adapter cannot be merged" in last

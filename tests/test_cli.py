@@ -1,4 +1,7 @@
-"""The command line as a user meets it: clear one-line errors with exit status 2, plugins, two processes."""
+"""The command line as a user meets it: clear one-line errors with exit status 2, plugins, two processes.
+
+``train.py`` itself exits 2 in a subprocess in ``test_unknown_modality``; the other user errors go through the same
+entry function and ``run_cli`` in this process (``run_inprocess``), which saves a subprocess's imports each."""
 import json
 import math
 import sys
@@ -8,7 +11,7 @@ import numpy as np
 import pytest
 import scipy.io
 
-from tests.helpers import ROOT, TINY_HSI, free_port, majority_share, run
+from tests.helpers import ROOT, TINY_HSI, free_port, majority_share, run, run_inprocess
 
 pytestmark = pytest.mark.slow
 
@@ -29,14 +32,15 @@ def test_unknown_modality(tmp_path):
 
 
 def test_unknown_config_key(tmp_path):
-    _fails(run(["train.py", "--modality", "hsi", "--output-dir", str(tmp_path), "train.learnig_rate=1"]),
+    _fails(run_inprocess(["train.py", "--modality", "hsi", "--output-dir", str(tmp_path),
+                          "train.learnig_rate=1"]),
            "train.learnig_rate", "lr")
 
 
 def test_missing_mat_file(tmp_path):
     (tmp_path / "data").mkdir()
-    _fails(run(["train.py", "--modality", "hsi", "--data-root", str(tmp_path / "data"),
-                "--output-dir", str(tmp_path / "run"), *TINY_HSI]), "PaviaU.mat")
+    _fails(run_inprocess(["train.py", "--modality", "hsi", "--data-root", str(tmp_path / "data"),
+                          "--output-dir", str(tmp_path / "run"), *TINY_HSI]), "PaviaU.mat")
 
 
 def _demo_copy(tmp_path):
@@ -50,8 +54,8 @@ def _demo_copy(tmp_path):
 
 def test_band_count_differs_from_config(tmp_path):
     root = _demo_copy(tmp_path)
-    _fails(run(["train.py", "--modality", "hsi", "--data-root", str(root), "--output-dir", str(tmp_path / "run"),
-                *TINY_HSI, "data.args.bands=64"]), "103 bands", "64")
+    _fails(run_inprocess(["train.py", "--modality", "hsi", "--data-root", str(root),
+                          "--output-dir", str(tmp_path / "run"), *TINY_HSI, "data.args.bands=64"]), "103 bands", "64")
 
 
 def test_nan_in_cube(tmp_path):
@@ -60,12 +64,12 @@ def test_nan_in_cube(tmp_path):
     cube = mat["paviaU"].astype(np.float64)
     cube[3, 4, 5] = np.nan
     scipy.io.savemat(root / "PaviaU.mat", {"paviaU": cube})
-    _fails(run(["train.py", "--modality", "hsi", "--data-root", str(root), "--output-dir", str(tmp_path / "run"),
-                *TINY_HSI]), "NaN")
+    _fails(run_inprocess(["train.py", "--modality", "hsi", "--data-root", str(root),
+                          "--output-dir", str(tmp_path / "run"), *TINY_HSI]), "NaN")
 
 
 def test_evaluate_without_checkpoint(tmp_path):
-    _fails(run(["evaluate.py", "--modality", "hsi", "--checkpoint", str(tmp_path)]), "no checkpoint")
+    _fails(run_inprocess(["evaluate.py", "--modality", "hsi", "--checkpoint", str(tmp_path)]), "no checkpoint")
 
 
 PLUGIN = textwrap.dedent('''
@@ -153,7 +157,9 @@ def test_two_processes_train_and_gather_without_duplicates(tmp_path):
     two = run([*torchrun, "--master_port", str(free_port()), "evaluate.py", "--modality", "hsi",
                "--checkpoint", str(out), "--output-dir", str(tmp_path / "e2")])
     assert two.returncode == 0, two.stderr[-3000:]
-    one = run(["evaluate.py", "--modality", "hsi", "--checkpoint", str(out), "--output-dir", str(tmp_path / "e1")])
+    # the one-process reference in this process (the two-process launches above run the scripts themselves)
+    one = run_inprocess(["evaluate.py", "--modality", "hsi", "--checkpoint", str(out),
+                         "--output-dir", str(tmp_path / "e1")])
     assert one.returncode == 0, one.stderr[-3000:]
     m2 = json.loads((tmp_path / "e2" / "metrics.json").read_text())
     m1 = json.loads((tmp_path / "e1" / "metrics.json").read_text())

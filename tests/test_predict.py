@@ -8,7 +8,11 @@ Each family trains a tiny checkpoint (tiny random LLM, 2 optimizer steps) on its
 from); ``predict`` then gets the same test inputs without their labels (files copied into a flat folder, the
 table without its target column, the scene as a GeoTIFF without ground truth). The inputs keep the test split's
 order and the batch size stays the config's ``data.eval_batch_size``, so every batch is the one evaluation ran
-and the predictions (and probabilities) are compared exactly."""
+and the predictions (and probabilities) are compared exactly.
+
+The command-line tests run ``python -m allspark predict|ask`` in this process (``tests.helpers.run_inprocess``: the
+same entry function under ``run_cli``), saving a subprocess's imports each; ``test_cli_predicts_an_image_folder``
+starts the real ``python -m allspark predict`` as a subprocess."""
 from __future__ import annotations
 
 import json
@@ -22,7 +26,7 @@ import torch
 
 from allspark.config import load_config
 from allspark.errors import UserError
-from tests.helpers import TINY_HSI, run
+from tests.helpers import TINY_HSI, run, run_inprocess
 
 #: the tiny model of the image, table and text families; 2 steps, no test pass and no baselines at the end
 TINY = ["model.llm.name=tiny", "model.llm.dtype=float32", "model.bridge={num_queries: 4, depth: 1, heads: 2, ff_mult: 2}"]
@@ -409,16 +413,17 @@ def test_cli_predicts_an_image_folder(checkpoints, tmp_path):
 
 def test_cli_refuses_a_missing_input_and_a_checkpoint_without_weights(checkpoints, tmp_path):
     run_dir = checkpoints("rgb")
-    _fails(run(["-m", "allspark", "predict", "--checkpoint", str(run_dir), "--input", str(tmp_path / "nowhere"),
-                "--out", str(tmp_path / "out")]), "input", str(tmp_path / "nowhere"), "does not exist")
+    _fails(run_inprocess(["-m", "allspark", "predict", "--checkpoint", str(run_dir),
+                          "--input", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")]),
+           "input", str(tmp_path / "nowhere"), "does not exist")
     _no_output(tmp_path / "out")
 
     broken = tmp_path / "run"  # a run folder whose best/ lost its weights
     shutil.copytree(run_dir / "best", broken / "best")
     (broken / "best" / "model.safetensors").unlink()
     (tmp_path / "images").mkdir()
-    _fails(run(["-m", "allspark", "predict", "--checkpoint", str(broken), "--input", str(tmp_path / "images"),
-                "--out", str(tmp_path / "out")]), "model.safetensors is missing", str(broken / "best"))
+    _fails(run_inprocess(["-m", "allspark", "predict", "--checkpoint", str(broken), "--input", str(tmp_path / "images"),
+                          "--out", str(tmp_path / "out")]), "model.safetensors is missing", str(broken / "best"))
     _no_output(tmp_path / "out")
 
 
@@ -428,8 +433,8 @@ def test_cli_refuses_a_scene_of_other_bands_and_a_table_without_a_column(checkpo
     hsi = checkpoints("hsi")
     scene = tmp_path / "scene_50_bands.tif"
     tifffile.imwrite(scene, np.ones((8, 8, 50), np.uint16), photometric="minisblack", planarconfig="contig")
-    _fails(run(["-m", "allspark", "predict", "--checkpoint", str(hsi), "--input", str(scene),
-                "--out", str(tmp_path / "map")]), str(scene), "8 x 8 x 50", "trained on 103 bands")
+    _fails(run_inprocess(["-m", "allspark", "predict", "--checkpoint", str(hsi), "--input", str(scene),
+                          "--out", str(tmp_path / "map")]), str(scene), "8 x 8 x 50", "trained on 103 bands")
     _no_output(tmp_path / "map")
 
     table = checkpoints("table")
@@ -439,8 +444,9 @@ def test_cli_refuses_a_scene_of_other_bands_and_a_table_without_a_column(checkpo
     cfg, _ = _test_set(table)
     rows = pd.read_csv(find_station_files(resolve_data_root(cfg))[0], nrows=20).drop(columns=["TEMP"])
     rows.to_csv(tmp_path / "no_temp.csv", index=False)
-    _fails(run(["-m", "allspark", "predict", "--checkpoint", str(table), "--input", str(tmp_path / "no_temp.csv"),
-                "--out", str(tmp_path / "pred.csv")]), str(tmp_path / "no_temp.csv"), "lacks column(s) ['TEMP']")
+    _fails(run_inprocess(["-m", "allspark", "predict", "--checkpoint", str(table),
+                          "--input", str(tmp_path / "no_temp.csv"), "--out", str(tmp_path / "pred.csv")]),
+           str(tmp_path / "no_temp.csv"), "lacks column(s) ['TEMP']")
     _no_output(tmp_path / "pred.csv")
 
 
@@ -457,8 +463,8 @@ def test_cli_a_bad_tile_among_good_ones_leaves_no_output(checkpoints, tmp_path):
     bad = folder / "zz_six_bands.tif"
     tifffile.imwrite(bad, np.ones((32, 32, 6), np.uint16), photometric="minisblack", planarconfig="contig")
     out = tmp_path / "out"
-    _fails(run(["-m", "allspark", "predict", "--checkpoint", str(run_dir), "--input", str(folder),
-                "--out", str(out), "--format", "json"]), str(bad), "13-band", "[32, 32, 6]")
+    _fails(run_inprocess(["-m", "allspark", "predict", "--checkpoint", str(run_dir), "--input", str(folder),
+                          "--out", str(out), "--format", "json"]), str(bad), "13-band", "[32, 32, 6]")
     _no_output(out)
 
 
@@ -499,8 +505,8 @@ def test_cli_ask_answers_every_image_as_the_python_api_does(checkpoints, tmp_pat
     run_dir = checkpoints("rgb")
     _, test = _test_set(run_dir)
     files = [f for f, _ in test.samples[:2]]
-    result = run(["-m", "allspark", "ask", "--checkpoint", str(run_dir), "--input", str(files[0]),
-                  "--input", str(files[1]), "What covers most of this scene?", "--max-new-tokens", "4"])
+    result = run_inprocess(["-m", "allspark", "ask", "--checkpoint", str(run_dir), "--input", str(files[0]),
+                            "--input", str(files[1]), "What covers most of this scene?", "--max-new-tokens", "4"])
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
     rows = ask(run_dir, files, "What covers most of this scene?", max_new_tokens=4)
@@ -508,9 +514,11 @@ def test_cli_ask_answers_every_image_as_the_python_api_does(checkpoints, tmp_pat
     model = AllSpark.from_pretrained(run_dir / "best")
     batch = test.collate([test[i] for i in range(2)])
     assert [r["answer"] for r in rows] == model.ask(batch, "What covers most of this scene?", max_new_tokens=4)
-    _fails(run(["-m", "allspark", "ask", "--checkpoint", str(checkpoints("hsi")), "--input", str(files[0]), "q"]),
+    _fails(run_inprocess(["-m", "allspark", "ask", "--checkpoint", str(checkpoints("hsi")),
+                          "--input", str(files[0]), "q"]),
            "pixel by pixel", "allspark predict")
-    _fails(run(["-m", "allspark", "ask", "--checkpoint", str(run_dir), "--input", str(tmp_path / "none.jpg"), "q"]),
+    _fails(run_inprocess(["-m", "allspark", "ask", "--checkpoint", str(run_dir),
+                          "--input", str(tmp_path / "none.jpg"), "q"]),
            "does not exist")
 
 
@@ -526,14 +534,14 @@ def test_cli_sar_reads_npy_chips_and_refuses_one_of_another_channel_count(checkp
     src = test.samples[0][0]
     np.save(folder / "a.npy", np.asarray(Image.open(src).convert("L"), np.float32))
     out = tmp_path / "pred.csv"
-    result = run(["-m", "allspark", "predict", "--checkpoint", str(run_dir), "--input", str(folder), "--out", str(out),
-                  "--device", "cpu"])
+    result = run_inprocess(["-m", "allspark", "predict", "--checkpoint", str(run_dir), "--input", str(folder),
+                            "--out", str(out), "--device", "cpu"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert [Path(f).name for f in pd.read_csv(out)["file"]] == ["a.npy"]
     bad = folder / "b.npy"
     chip = np.asarray(Image.open(src).convert("L"), np.float32)
     np.save(bad, np.stack([chip, chip]))
     out2 = tmp_path / "pred2.csv"
-    _fails(run(["-m", "allspark", "predict", "--checkpoint", str(run_dir), "--input", str(folder), "--out", str(out2),
-                "--device", "cpu"]), str(bad), "2 channel(s)", "1 (as the checkpoint's")
+    _fails(run_inprocess(["-m", "allspark", "predict", "--checkpoint", str(run_dir), "--input", str(folder),
+                          "--out", str(out2), "--device", "cpu"]), str(bad), "2 channel(s)", "1 (as the checkpoint's")
     _no_output(out2)

@@ -15,7 +15,7 @@ import yaml
 from allspark.config import ConfigError, LLMConfig, load_config
 from allspark.errors import MissingPackageError
 from allspark.llm import check_quantization, load_llm, quantization_config
-from tests.helpers import TINY_HSI, run
+from tests.helpers import TINY_HSI, run_inprocess
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
@@ -24,8 +24,8 @@ HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 @pytest.mark.skipif(HAS_CUDA, reason="checks the refusal on a machine without a CUDA GPU")
 def test_train_py_refuses_quantization_without_a_gpu(tmp_path):
     out = tmp_path / "run"
-    result = run(["train.py", "--modality", "hsi", "--output-dir", str(out), *TINY_HSI,
-                  "model.llm.quantization=4bit"])
+    result = run_inprocess(["train.py", "--modality", "hsi", "--output-dir", str(out), *TINY_HSI,
+                            "model.llm.quantization=4bit"])
     assert result.returncode == 2, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: model.llm.quantization=4bit needs a CUDA GPU") and "this machine has none" in last

@@ -31,7 +31,7 @@ from allspark.data import build_dataset
 from allspark.model import AllSpark
 from allspark.training import find_latest_checkpoint, train
 from tests.conftest import tiny_overrides
-from tests.helpers import ROOT, TINY_HSI, reset_accelerate, run
+from tests.helpers import ROOT, TINY_HSI, reset_accelerate, run_inprocess
 
 #: for subprocesses: one thread (see above), and the INFO log lines the tests read
 SUBPROCESS_ENV = {"OMP_NUM_THREADS": "1", "ALLSPARK_LOGLEVEL": "INFO"}
@@ -138,7 +138,7 @@ def test_resume_under_forced_bf16_is_exact(tmp_path):
 
 # -- 3. --resume DIR on the command line ---------------------------------------------------------------------------
 
-def test_cli_resume_from_a_named_older_checkpoint_into_a_new_folder(tmp_path):
+def test_cli_resume_from_a_named_older_checkpoint_into_a_new_folder(tmp_path, caplog):
     """``train.py --resume RUN/checkpoints/step-2 --output-dir NEW``: continues from that checkpoint (not the
     run's newest) and reaches the weights of the uninterrupted run."""
     periodic = ["train.save_every_steps=2", "train.keep_checkpoints=10"]
@@ -149,10 +149,12 @@ def test_cli_resume_from_a_named_older_checkpoint_into_a_new_folder(tmp_path):
 
     fork = tmp_path / "fork"
     named = full / "checkpoints" / "step-2"
-    proc = run(["train.py", "--modality", "hsi", "--output-dir", str(fork), "--resume", str(named),
-                "--max-steps", "6", *HSI, *periodic], env=SUBPROCESS_ENV, timeout=300)
+    # train.py's entry function and run_cli in this process (one thread: the module's fixture); its log in caplog
+    with caplog.at_level("INFO", logger="allspark.training"):
+        proc = run_inprocess(["train.py", "--modality", "hsi", "--output-dir", str(fork), "--resume", str(named),
+                              "--max-steps", "6", *HSI, *periodic])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"resumed from {named} at epoch 0, batch 2, step 2" in proc.stderr
+    assert f"resumed from {named} at epoch 0, batch 2, step 2" in caplog.text
     assert checkpoint_names(fork) == ["step-4", "step-6"]
     assert train_steps_logged(fork) == [3, 4, 5, 6]
     assert_same_checkpoint(full / "checkpoints" / "step-6", fork / "checkpoints" / "step-6")
@@ -479,7 +481,8 @@ E2E = {  # modality: (main metric, greater is better, baselines, overrides that 
 @pytest.fixture(scope="module")
 def e2e_runs(tmp_path_factory, _code_demo_cache):
     """Graph, text and code trained through train() in this process (2 steps, no test pass: evaluate.py makes
-    it; train's own is tested on HSI in test_training.py), then evaluate.py on each, the three at once."""
+    it; train's own is tested on HSI in test_training.py), then evaluate.py's entry function on each, in this
+    process too (``run_inprocess``; the script itself runs as a subprocess in test_cli.py)."""
     root = tmp_path_factory.mktemp("e2e")
     runs = {}
     for modality, (*_, extra) in sorted(E2E.items()):
@@ -489,23 +492,13 @@ def e2e_runs(tmp_path_factory, _code_demo_cache):
             cfg = load_config(modality, overrides=tiny_overrides() + [
                 "train.epochs=1", "train.max_steps=2", "train.test_at_end=false", *extra])
             steps = run_train(cfg, root / modality / "run")
-            env = _subprocess_env()  # after the code demo's cache is set: its evaluate.py reads that demo
-        runs[modality] = {"cfg": cfg, "steps": steps, "env": env, "out": root / modality / "run",
-                          "eval": root / modality / "eval", "stderr": root / modality / "evaluate.stderr"}
-    procs = {}
-    for modality, r in runs.items():
-        with r["stderr"].open("w") as err:
-            procs[modality] = subprocess.Popen(
-                [sys.executable, "evaluate.py", "--modality", modality, "--checkpoint", str(r["out"]),
-                 "--output-dir", str(r["eval"])], cwd=ROOT, env=r["env"], stdout=subprocess.DEVNULL, stderr=err)
-    try:
-        for modality, proc in procs.items():
-            runs[modality]["returncode"] = proc.wait(timeout=600)
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            runs[modality] = r = {"cfg": cfg, "steps": steps, "out": root / modality / "run",
+                                  "eval": root / modality / "eval", "stderr": root / modality / "evaluate.stderr"}
+            # evaluate.py's entry function in this process (the code demo's cache still set: it reads that demo)
+            proc = run_inprocess(["evaluate.py", "--modality", modality, "--checkpoint", str(r["out"]),
+                                  "--output-dir", str(r["eval"])])
+            r["returncode"] = proc.returncode
+            r["stderr"].write_text(proc.stderr)
     return runs
 
 

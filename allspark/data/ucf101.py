@@ -96,9 +96,14 @@ def read_clip(path: Path, num_frames: int, frame_stride: int, image_size: int,
         span = stride[-1] - stride[0] + 1
         start = int(torch.randint(len(frames) - span + 1, (), generator=rng))
     picked = clip_indices(len(frames), num_frames, frame_stride, start)
+    # one reformatter for the clip: it keeps its swscale context between frames of the same size and format
+    # (VideoFrame.reformat builds a new one for every frame, about ten times the cost of the conversion itself)
+    from av.video.reformatter import VideoReformatter
+
+    reformatter = VideoReformatter()
     try:
-        return np.stack([frames[i].reformat(width=image_size, height=image_size, format="rgb24").to_ndarray()
-                         for i in picked])
+        return np.stack([reformatter.reformat(frames[i], width=image_size, height=image_size,
+                                              format="rgb24").to_ndarray() for i in picked])
     except errors as exc:
         raise DatasetFormatError(f"UCF101: cannot convert frames of {path}: {exc}") from None
 
