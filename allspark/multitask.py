@@ -581,7 +581,10 @@ class MultiTaskAllSpark(nn.Module):
         missing = set(expected) - set(state)
         unexpected = set(state) - set(expected)
         have = {self._task_of(k) for k in state}
-        missing_tasks = sorted(t for t in self.task_names if t not in have)
+        # a task with no trainable tensors of its own (e.g. text: the LLM's own LM head, no encoder or bridge) has
+        # no key in any checkpoint, so its absence is no sign that a checkpoint lacks it
+        owning = {self._task_of(k) for k in expected}
+        missing_tasks = sorted(t for t in self.task_names if t not in have and t in owning)
         unexpected_tasks = sorted({self._task_of(k) for k in unexpected} - set(self.task_names) - {None})
         whole = {k for k in missing if self._task_of(k) in missing_tasks} | {
             k for k in unexpected if self._task_of(k) in unexpected_tasks}

@@ -130,6 +130,28 @@ def test_a_checkpoint_that_lacks_a_task_loads_with_strict_false_and_says_which(t
         new.load_trainable_state_dict(partial, strict=False)
 
 
+def test_a_task_without_trainable_tensors_of_its_own_round_trips_through_its_checkpoint():
+    """The text task has no encoder, no bridge and the LLM's own LM head as its head: nothing of its own in the
+    checkpoint. A joint model with it saves and loads strictly (its absence is not a missing task; this failed at the
+    end of a five-task run, when ``best/`` was loaded for the test pass), and a checkpoint lacking a task that does
+    own tensors is still refused."""
+    cfgs = resolve_task_configs(load_joint_config(tasks=["hsi", "text"],
+                                                  overrides=[o for o in TINY if not o.startswith("table:")]))
+    infos = {n: build_dataset(c, "train").info() for n, c in cfgs.items()}
+    torch.manual_seed(0)
+    model = MultiTaskAllSpark(cfgs, infos)
+    state = {k: v.clone() for k, v in model.trainable_state_dict().items()}
+    assert not any(k.startswith("tasks.text.") for k in state) and any(k.startswith("tasks.hsi.") for k in state)
+    torch.manual_seed(1)
+    other = MultiTaskAllSpark(cfgs, infos)
+    report = other.load_trainable_state_dict(state)
+    assert report.missing_tasks == [] and report.unexpected_tasks == [] and report.loaded == len(state)
+    assert all(torch.equal(other.trainable_state_dict()[k], v) for k, v in state.items())
+    without_hsi = {k: v for k, v in state.items() if not k.startswith("tasks.hsi.")}
+    with pytest.raises(ValueError, match=r"lacks task\(s\) \['hsi'\]"):
+        other.load_trainable_state_dict(without_hsi)
+
+
 # -- one bridge shared by the tasks -------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
