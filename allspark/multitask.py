@@ -35,6 +35,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import time
 import types
 from dataclasses import asdict, dataclass, field
@@ -121,6 +122,11 @@ class JointTrainConfig:
     #: validate every task every N steps (and at the end); None: one "joint epoch", the sum over the tasks of
     #: the steps of one pass over each training split
     eval_every_steps: int | None = None
+    #: micro-batches per optimizer step, all of the task drawn for the step (each of that task's
+    #: ``data.batch_size``; the gradient is their mean, so a step sees ``grad_accum_steps`` x the batch). A task's
+    #: pass over its training split counts ceil(batches / grad_accum_steps) optimizer steps; a step's micro-batches
+    #: may run over the end of one pass into the next
+    grad_accum_steps: int = 1
     optimizer: str = "adamw"
     lr: float = 1e-3
     #: learning-rate multipliers by joint parameter name ``{shell pattern: factor}`` (``tasks.rgb.encoders.0.*``);
@@ -922,7 +928,7 @@ def train_joint(jcfg: JointConfig, output_dir: str | Path, *, resume: str | Path
     from allspark.run import Run
     from allspark.steploop import StepLoop, attention_kernel, find_latest_checkpoint
     from allspark.training import _flat_config, build_optimizer, ddp_handlers, trackers
-    from accelerate.utils import set_seed
+    from accelerate.utils import GradientAccumulationPlugin, set_seed
 
     output_dir = Path(output_dir)
     tcfg = jcfg.train
@@ -937,10 +943,15 @@ def train_joint(jcfg: JointConfig, output_dir: str | Path, *, resume: str | Path
         raise ConfigError(f"train.keep_checkpoints must be >= 1, got {tcfg.keep_checkpoints}")
     if not 0 <= tcfg.warmup_ratio < 1:
         raise ConfigError(f"train.warmup_ratio must lie in [0, 1), got {tcfg.warmup_ratio}")
+    accum = tcfg.grad_accum_steps
+    if isinstance(accum, bool) or not isinstance(accum, int) or accum < 1:
+        raise ConfigError(f"joint.train.grad_accum_steps must be an int >= 1, got {accum!r}")
     # one task per step leaves the other tasks' parts without gradients: DDP must expect unused parameters
     ddp = {"find_unused_parameters": len(names) > 1, **tcfg.ddp_kwargs}
     first = cfgs[names[0]]
-    accelerator = make_accelerator(gradient_accumulation_steps=1, mixed_precision=tcfg.mixed_precision,
+    # a step's micro-batches come from one task's endless stream: the end of one of its passes is no step boundary
+    accum_plugin = GradientAccumulationPlugin(num_steps=accum, sync_with_dataloader=False)
+    accelerator = make_accelerator(gradient_accumulation_plugin=accum_plugin, mixed_precision=tcfg.mixed_precision,
                                    llm_dtype=first.model.llm.dtype, log_with=trackers(tcfg.log_with),
                                    kwargs_handlers=ddp_handlers(ddp), project_dir=str(output_dir))
     main = accelerator.is_main_process
@@ -1005,8 +1016,8 @@ def train_joint(jcfg: JointConfig, output_dir: str | Path, *, resume: str | Path
             runs[name].loaders[split] = prepared[2 + i * len(names) + j]
     unwrapped: MultiTaskAllSpark = accelerator.unwrap_model(model)
 
-    # Lengths in optimizer steps of this process (a step takes one batch per process).
-    steps_per_epoch = {n: len(runs[n].loaders["train"]) for n in names}
+    # Lengths in optimizer steps of this process (a step takes grad_accum_steps batches per process).
+    steps_per_epoch = {n: math.ceil(len(runs[n].loaders["train"]) / accum) for n in names}
     total_steps = tcfg.steps or sum(cfgs[n].train.epochs * steps_per_epoch[n] for n in names)
     eval_every = tcfg.eval_every_steps or sum(steps_per_epoch.values())
     stop_at = min(total_steps, tcfg.max_steps) if tcfg.max_steps else total_steps
@@ -1022,11 +1033,11 @@ def train_joint(jcfg: JointConfig, output_dir: str | Path, *, resume: str | Path
     logger.info("joint run over %s: %d optimizer steps (%s schedule, probabilities %s), validation every %d",
                 names, total_steps, schedule.kind, [round(p, 4) for p in schedule.probabilities], eval_every)
 
-    # one batch per optimizer step (no accumulation), the task's loss weight on its loss
+    # grad_accum_steps batches of the drawn task per optimizer step, the task's loss weight on its loss
     loop = StepLoop(accelerator, model, optimizer, scheduler,
                     JointState(tasks={n: {"epoch": 0, "batches_in_epoch": 0, "steps": 0} for n in names}), output_dir,
                     max_grad_norm=tcfg.max_grad_norm, attention_kernel=tcfg.attention_kernel,
-                    keep_checkpoints=tcfg.keep_checkpoints, accumulate=False, total=stop_at,
+                    keep_checkpoints=tcfg.keep_checkpoints, accumulate=accum > 1, total=stop_at,
                     desc=f"train {','.join(names)}", step_callback=step_callback)
     if resume_ckpt is not None:
         state = loop.resume(resume_ckpt, JointState)
@@ -1065,15 +1076,17 @@ def train_joint(jcfg: JointConfig, output_dir: str | Path, *, resume: str | Path
     drawn: list[int] = []  # the tasks drawn since the last check, compared across processes at log and eval steps
     t0 = time.perf_counter()
     model.train()
+    accelerator.step = 0  # accumulation boundaries: every grad_accum_steps updates, from here (a resume too)
     with loop.running():
         while state.global_step < stop_at:
             drawn.append(schedule.index(state.global_step))
             task = names[drawn[-1]]
-            batch = streams[task].next()
-            out = loop.update({**batch, "task": task}, loss_weight=unwrapped.loss_weights[task], task=task)
+            for _ in range(accum):  # the last of them synchronises: clipping, optimizer and schedule step
+                batch = streams[task].next()
+                out = loop.update({**batch, "task": task}, loss_weight=unwrapped.loss_weights[task], task=task)
+                running.setdefault(task, []).append(out.loss.detach().float().item())
             loop.count_step()
             state.tasks[task]["steps"] += 1
-            running.setdefault(task, []).append(out.loss.detach().float().item())
             at_log = loop.due(tcfg.log_every_steps)
             at_eval = loop.due(eval_every) or state.global_step == stop_at
             if at_log or at_eval:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+from accelerate.scheduler import AcceleratedScheduler
 from safetensors.torch import load_file, save_file
 
 from allspark.checkpoints import BEST_DIR, STATE_NAME, WEIGHTS_NAME
@@ -227,7 +228,7 @@ class StepLoop:
 
     ``state``: the trainer's state (a dataclass with ``global_step``, saved as ``trainer_state.json`` in each
     checkpoint); the trainer may replace it (:meth:`resume`). ``accumulate``: run each update inside
-    ``accelerator.accumulate`` (gradient accumulation; the joint loop takes one batch per step and does not).
+    ``accelerator.accumulate`` (gradient accumulation: ``train.grad_accum_steps`` micro-batches per step).
     ``total``: the progress bar's length in optimizer steps. Creating the loop registers the checkpoint hooks.
     """
 
@@ -239,6 +240,9 @@ class StepLoop:
         self.max_grad_norm, self.kernel, self.keep_checkpoints = max_grad_norm, attention_kernel, keep_checkpoints
         self.accumulate, self.total, self.desc, self.step_callback = accumulate, total, desc, step_callback
         self.main = accelerator.is_main_process
+        # a scheduler that accelerate did not prepare (the joint loop's, stepped once per optimizer step) steps
+        # only where the optimizer does
+        self._prepared_scheduler = isinstance(scheduler, AcceleratedScheduler)
         self.unwrapped = accelerator.unwrap_model(model)
         self.log = _JsonlLog(self.output_dir / "log.jsonl", self.main)
         self.interrupt = _StepBoundaryInterrupt()
@@ -302,7 +306,8 @@ class StepLoop:
             if accelerator.sync_gradients and self.max_grad_norm:
                 accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], self.max_grad_norm)
             self.optimizer.step()
-            self.scheduler.step()
+            if accelerator.sync_gradients or self._prepared_scheduler:  # accelerate's wrapper skips by itself
+                self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         return out
 

@@ -577,11 +577,12 @@ class _Kill(RuntimeError):
     pass
 
 
-@pytest.mark.parametrize("bridge", ["per_task", "shared"])
+@pytest.mark.parametrize("bridge", ["per_task", "shared", "accumulating"])
 def test_a_joint_run_killed_mid_run_resumes_to_bit_identical_weights(bridge, tmp_path, monkeypatch):
     from allspark import training
 
-    extra = ["joint.model.bridge.shared=true"] if bridge == "shared" else []
+    extra = {"shared": ["joint.model.bridge.shared=true"],
+             "accumulating": ["joint.train.grad_accum_steps=2"]}.get(bridge, [])
 
     steps = {"full": [], "cut": []}
     inits = []  # data-dependent starts: once per task of a fresh run, never on resume (the weights are loaded)
@@ -628,9 +629,48 @@ def test_a_joint_run_killed_mid_run_resumes_to_bit_identical_weights(bridge, tmp
     assert logged("cut") == logged("full")  # every step logged once, the same task drawn
     with pytest.raises(UserError, match="differs"):
         train_joint(_joint(*extra, "joint.schedule.type=round_robin"), tmp_path / "cut", resume=True)
+    if bridge == "accumulating":
+        return
     flipped = "joint.model.bridge.shared=" + ("false" if bridge == "shared" else "true")
     with pytest.raises(UserError, match=r"differs .* model.bridge.shared"):
         train_joint(_joint(flipped), tmp_path / "cut", resume=True)
+
+
+def test_joint_gradient_accumulation_equals_one_batch_of_the_summed_size(tmp_path):
+    """Two micro-batches of 8 of the drawn task per optimizer step train as one batch of 16 (float32, no dropout,
+    one prompt): the same losses, the schedule stepped once per optimizer step (stepped per micro-batch, the second
+    step's learning rate would be the third's), the same weights but for a few elements whose gradient is ~0, where
+    AdamW's first steps turn rounding into a sign (the key biases of attention, which softmax ignores)."""
+    common = ["model.llm.dtype=float32", "model.llm.adapter.dropout=0.0", "model.prompts.train_choice=first",
+              "joint.schedule.type=round_robin", "joint.train.steps=4", "joint.train.eval_every_steps=4",
+              "joint.train.test_at_end=false", "joint.train.warmup_ratio=0.0"]
+    runs = {"accum": ["data.batch_size=8", "joint.train.grad_accum_steps=2"], "large": ["data.batch_size=16"]}
+    try:
+        for name, extra in runs.items():
+            train_joint(load_joint_config(tasks=["hsi", "table"], overrides=[*TINY, *common, *extra]),
+                        tmp_path / name)
+            reset_accelerate()
+    finally:
+        reset_accelerate()
+    logs = {n: [r for r in map(json.loads, (tmp_path / n / "log.jsonl").read_text().splitlines()) if "lr" in r]
+            for n in runs}
+    assert [(r["step"], r["task"], r["lr"]) for r in logs["accum"]] == [(r["step"], r["task"], r["lr"])
+                                                                         for r in logs["large"]]
+    assert len({r["lr"] for r in logs["accum"]}) == 4  # the cosine schedule moved at every optimizer step
+    assert [r["loss"] for r in logs["accum"]] == pytest.approx([r["loss"] for r in logs["large"]], abs=1e-5)
+    ckpt = {n: tmp_path / n / "checkpoints" / "step-4" for n in runs}
+    a, b = (load_file(str(ckpt[n] / "model.safetensors")) for n in runs)
+    assert a.keys() == b.keys()
+    apart = sum(int(((a[k] - b[k]).abs() > 1e-5).sum()) for k in a)
+    assert apart <= 1e-3 * sum(v.numel() for v in a.values()), apart
+    positions = {n: json.loads((ckpt[n] / "trainer_state.json").read_text())["tasks"] for n in runs}
+    assert {t: p["batches_in_epoch"] for t, p in positions["accum"].items()} == {"hsi": 4, "table": 4}
+    assert {t: p["batches_in_epoch"] for t, p in positions["large"].items()} == {"hsi": 2, "table": 2}
+    assert [p["steps"] for p in positions["accum"].values()] == [2, 2]
+    with pytest.raises(UserError, match="grad_accum_steps must be an int >= 1, got 0"):
+        train_joint(load_joint_config(tasks=["hsi", "table"], overrides=[*TINY, "joint.train.grad_accum_steps=0"]),
+                    tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
 
 
 # -- two processes ---------------------------------------------------------------------------------------------
