@@ -417,9 +417,11 @@ def resolve_mixed_precision(setting: str | None, device: torch.device | str | No
 
     ``auto`` follows the LLM's precision: bf16 autocast where the device runs bf16 natively, fp16 on an
     accelerator that runs fp16 but not bf16, else ``no``; and ``no`` when ``model.llm.dtype`` is pinned to
-    float32 (a run asked to be fp32 stays fp32). Under ``auto``, a launcher's choice
-    (``accelerate launch --mixed_precision``, i.e. ``ACCELERATE_MIXED_PRECISION``) wins. A forced ``bf16`` or
-    ``fp16`` that the device emulates warns once (the same warning as a forced LLM dtype).
+    float32 (a run asked to be fp32 stays fp32). Under ``auto``, a launcher's ``bf16`` or ``fp16``
+    (``accelerate launch --mixed_precision``, i.e. ``ACCELERATE_MIXED_PRECISION``) wins; its ``no`` does not,
+    because ``accelerate launch`` passes ``no`` whenever it was not told otherwise (a default is no choice): turn
+    autocast off with ``train.mixed_precision=no``. A forced ``bf16`` or ``fp16`` that the device emulates warns
+    once (the same warning as a forced LLM dtype).
     """
     device_type = _device_type(device)
     if setting != "auto":
@@ -428,7 +430,7 @@ def resolve_mixed_precision(setting: str | None, device: torch.device | str | No
             return setting, f"train.mixed_precision={setting} (set in the config)"
         return setting, _forced(dtype, device_type, f"train.mixed_precision={setting}")
     launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
-    if launcher:
+    if launcher and launcher != "no":
         return launcher, f"auto: {launcher}, set by the launcher (ACCELERATE_MIXED_PRECISION)"
     if llm_dtype == "float32":
         return "no", "auto: no autocast, model.llm.dtype is pinned to float32"

@@ -71,9 +71,17 @@ def test_auto_is_bf16_where_native_and_fp32_where_emulated_without_warning(monke
     machine(monkeypatch, NATIVE)
     mode, reason = resolve_mixed_precision("auto", "cpu", llm_dtype="float32")
     assert mode == "no" and "pinned to float32" in reason
-    # accelerate's launcher flag wins over auto
+    # a launcher's bf16 / fp16 wins over auto; its "no" is what `accelerate launch` passes when not told, so auto
+    # decides (the README's `accelerate launch --cpu ...` gets bf16 autocast where bf16 is native), and an explicit
+    # train.mixed_precision=no turns autocast off
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    machine(monkeypatch, EMULATED)
+    mode, reason = resolve_mixed_precision("auto", "cpu")
+    assert mode == "bf16" and "set by the launcher" in reason
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
-    assert resolve_mixed_precision("auto", "cpu")[0] == "no"
+    machine(monkeypatch, NATIVE)
+    assert resolve_mixed_precision("auto", "cpu")[0] == "bf16"
+    assert resolve_mixed_precision("no", "cpu")[0] == "no"
 
 
 def test_cpu_flags_decide_and_a_cached_benchmark_settles_bf16_without_amx(monkeypatch, tmp_path):
