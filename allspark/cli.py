@@ -129,10 +129,9 @@ def _train_joint_main(args: argparse.Namespace) -> int:
     ``joint.key=value`` overrides the joint config, ``TASK:key=value`` one task, ``key=value`` every task."""
     from allspark.multitask import load_joint_config, train_joint
 
-    if args.recipe is not None:
-        raise ConfigError("--recipe names a block of one task's config and is not supported in a joint run yet; "
-                          "set its values per task with TASK:key=value")
     overrides = list(args.overrides)
+    if args.recipe is not None:  # every task whose config defines it (joint.recipe)
+        overrides.append(f"joint.recipe={args.recipe}")
     if args.epochs is not None:
         overrides.append(f"train.epochs={args.epochs}")  # every task's (the run's default length follows)
     if args.max_steps is not None:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -99,6 +100,9 @@ class TaskSpec:
     loss_weight: float = 1.0
     #: dotted overrides for this task only (after the joint file's ``overrides``)
     overrides: dict[str, Any] = field(default_factory=dict)
+    #: a block of this task's ``recipes`` (e.g. ``answers``), applied as ``train.py --recipe`` applies it to a
+    #: single-task run; it must exist. Default: the joint ``recipe``, where the task's config defines it
+    recipe: str | None = None
 
 
 @dataclass
@@ -181,6 +185,10 @@ class JointConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     model: JointModelConfig = field(default_factory=JointModelConfig)
     train: JointTrainConfig = field(default_factory=JointTrainConfig)
+    #: a recipe (``train.py --recipe NAME``) for every task whose config's ``recipes`` defines it (e.g. ``answers``:
+    #: the classification tasks answer in words, the others train as they are); at least one task must define it.
+    #: Its ``train.*`` values other than ``epochs`` are not used: one optimizer serves all tasks (``joint.train``)
+    recipe: str | None = None
     #: a joint checkpoint (a run folder or its ``best/``) to extend: its tasks and the shared parts (adapters, and a
     #: shared bridge, which new tasks enter through their own projections) are loaded and held fixed, and only this
     #: config's tasks (none of which it may hold) train; the result serves all of them
@@ -323,6 +331,8 @@ def resolve_task_configs(jcfg: JointConfig) -> dict[str, Config]:
         raise ConfigError(f"--data-root {jcfg.data_root}: a joint run of {len(specs)} tasks has one dataset folder "
                           "per task; give each its own with TASK:data.root=PATH (or --data-root demo)")
     cfgs: dict[str, Config] = {}
+    took: list[str] = []  # the tasks that took the joint recipe, and those whose config has no such block
+    skipped: list[str] = []
     for spec in specs:
         joint_only = sorted(k for k in {**jcfg.overrides, **spec.overrides} if k in _JOINT_MODEL_KEYS)
         if joint_only:
@@ -330,15 +340,49 @@ def resolve_task_configs(jcfg: JointConfig) -> dict[str, Config]:
                               f"task), not of task {spec.name!r}'s: set it under the joint file's `model:` block or "
                               f"as joint.{joint_only[0]}=VALUE")
         with _in_task(spec.name):
-            cfg = load_config(spec.name, path=spec.config, overrides={**jcfg.overrides, **spec.overrides},
-                              data_root=jcfg.data_root)
+            cfg = _load_task_config(jcfg, spec, took, skipped)
             for key in _JOINT_ONLY_TRAIN_KEYS:
                 if getattr(cfg.train, key):
                     raise ConfigError(f"train.{key} is set ({getattr(cfg.train, key)!r}); a joint run does not "
                                       f"support it yet (train the task alone, or set {spec.name}:train.{key}=null)")
         cfgs[spec.name] = cfg
+    if jcfg.recipe is not None:
+        if not took and skipped:
+            defined = {n: sorted(c.recipes) for n, c in cfgs.items()}
+            raise ConfigError(f"recipe {jcfg.recipe!r}: no task of the joint run defines it; their recipes: {defined}")
+        logger.info("recipe %r: applied to %s%s", jcfg.recipe, took,
+                    f"; {skipped} have no such recipe and train with their own values" if skipped else "")
     _check_same_llm(cfgs)
     return cfgs
+
+
+#: what a joint run takes from a task's ``train`` block (the rest is ``joint.train``'s: one optimizer for all)
+_TASK_TRAIN_KEYS = ("epochs", "metric_for_best", "greater_is_better", "lr_scale")
+
+
+def _load_task_config(jcfg: JointConfig, spec: TaskSpec, took: list[str], skipped: list[str]) -> Config:
+    """Task ``spec``'s config with its recipe: its own ``recipe`` (which must exist), else the joint one where its
+    config defines it (``took`` / ``skipped`` collect which tasks did). A recipe's ``train.*`` values that a joint
+    run does not use are named in one warning."""
+    load = functools.partial(load_config, spec.name, path=spec.config,
+                             overrides={**jcfg.overrides, **spec.overrides}, data_root=jcfg.data_root)
+    recipe = spec.recipe
+    if recipe is None and jcfg.recipe is not None:
+        cfg = load()
+        if jcfg.recipe not in cfg.recipes:
+            skipped.append(spec.name)
+            return cfg
+        recipe = jcfg.recipe
+        took.append(spec.name)
+    cfg = load(recipe=recipe)
+    if recipe is not None:
+        unused = sorted(k for k in (cfg.recipes[recipe] or {}) if k.startswith("train.")
+                        and k.split(".")[1] not in _TASK_TRAIN_KEYS)
+        if unused:
+            logger.warning("task %r: recipe %r sets %s, which a joint run does not use (one optimizer and schedule "
+                           "for every task: set joint.train.lr, joint.train.warmup_ratio, ...)", spec.name, recipe,
+                           ", ".join(unused))
+    return cfg
 
 
 def _check_same_llm(cfgs: dict[str, Config]) -> None:

@@ -8,6 +8,7 @@ processes under torchrun against one, and the errors of bad input."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 
@@ -809,6 +810,27 @@ def test_bad_task_lists_fail_with_one_clear_error(tmp_path):
     assert not (tmp_path / "bad").exists() and not (tmp_path / "unread").exists()
 
 
+def test_a_joint_recipe_applies_to_every_task_that_defines_it(caplog):
+    # answers: hsi's config defines it (its head answers in words), table's does not (it trains as it is)
+    cfgs = resolve_task_configs(load_joint_config(tasks=["hsi", "table"], overrides=[*TINY, "joint.recipe=answers"]))
+    alone = resolve_task_configs(load_joint_config(tasks=["hsi", "table"], overrides=TINY))
+    assert (cfgs["hsi"].recipe, cfgs["hsi"].model.head.type) == ("answers", "verbalizer")
+    assert alone["hsi"].model.head.type == "classification"
+    assert cfgs["table"].recipe is None and cfgs["table"].model.head == alone["table"].model.head
+    # paper: both define it; its learning rate and warm-up are joint.train's in a joint run, and the warning says so
+    with caplog.at_level(logging.WARNING, logger="allspark.multitask"):
+        cfgs = resolve_task_configs(load_joint_config(tasks=["hsi", "table"], overrides=[*TINY, "joint.recipe=paper"]))
+    assert cfgs["hsi"].train.epochs == 30 and cfgs["hsi"].recipe == cfgs["table"].recipe == "paper"
+    assert "task 'hsi': recipe 'paper' sets train.lr, train.warmup_epochs, train.warmup_ratio, which a joint run " \
+           "does not use" in caplog.text
+    # a recipe no task defines, and a task's own recipe that its config lacks
+    with pytest.raises(ConfigError, match=r"recipe 'papr': no task of the joint run defines it; their recipes: "
+                                          r"\{'hsi': \['answers', 'paper'\], 'table': \['paper'\]\}"):
+        resolve_task_configs(load_joint_config(tasks=["hsi", "table"], overrides=[*TINY, "joint.recipe=papr"]))
+    with pytest.raises(ConfigError, match=r"task 'table': unknown recipe 'answers' for 'table'"):
+        resolve_task_configs(load_joint_config(tasks=["hsi", {"name": "table", "recipe": "answers"}], overrides=TINY))
+
+
 def test_train_py_exits_2_on_an_unknown_task_and_writes_nothing(tmp_path, capsys):
     from allspark.cli import run_cli, train_main
 
@@ -817,4 +839,10 @@ def test_train_py_exits_2_on_an_unknown_task_and_writes_nothing(tmp_path, capsys
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "error: task 'hyperspectral': unknown modality 'hyperspectral'" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit) as exit_:  # --recipe reaches the joint run
+        run_cli(lambda: train_main(["--modality", "hsi,table", "--recipe", "papr", "--output-dir", str(tmp_path / "run"),
+                                    *TINY]))
+    assert exit_.value.code == 2
+    assert "error: recipe 'papr': no task of the joint run defines it" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
