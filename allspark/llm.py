@@ -378,6 +378,26 @@ def _is_complete(folder: Path, model: bool) -> bool:
     return not model or ((folder / "config.json").is_file() and any(folder.glob("*.safetensors")))
 
 
+_CACHED_TOKENIZERS: dict[str, Any] = {}
+
+
+def _cached_tokenizer(folder: Path) -> Any:
+    """``AutoTokenizer.from_pretrained(folder)`` once per process for the package's own content-keyed cache
+    folders (the SmolLM2 tokenizer: about 0.4 s to parse, paid by every model build before). Each call returns
+    a deep copy of everything but the parsed Rust backend (under a millisecond), so setting ``chat_template``,
+    ``pad_token`` or other special tokens on one model's tokenizer does not reach another; the backend (the
+    vocabulary and merges, which the models only read) is shared. User folders and hub ids are not cached
+    (``_load_pretrained``)."""
+    from transformers import AutoTokenizer
+
+    key = str(folder.resolve())
+    if key not in _CACHED_TOKENIZERS:
+        _CACHED_TOKENIZERS[key] = AutoTokenizer.from_pretrained(folder)
+    cached = _CACHED_TOKENIZERS[key]
+    backend = getattr(cached, "_tokenizer", None)
+    return copy.deepcopy(cached, memo={} if backend is None else {id(backend): backend})
+
+
 def _smollm2_tokenizer() -> Any:
     """The SmolLM2 tokenizer, from the model cache, or its own small cache (written on first use)."""
     from transformers import AutoTokenizer
@@ -385,18 +405,18 @@ def _smollm2_tokenizer() -> Any:
     gguf = smollm2_gguf_path()
     full = _gguf_cache_dir(gguf)
     if _is_complete(full, model=False):
-        return AutoTokenizer.from_pretrained(full)
+        return _cached_tokenizer(full)
     tok_dir = full.with_name(full.name + ".tokenizer")
     with file_lock(tok_dir.with_name(f".{tok_dir.name}.lock")):  # one writer across processes
         if not _is_complete(tok_dir, model=False):
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             with atomic_dir(tok_dir) as tmp:
                 tokenizer.save_pretrained(tmp)
-    return AutoTokenizer.from_pretrained(tok_dir)
+    return _cached_tokenizer(tok_dir)
 
 
 def _load_smollm2(dtype: torch.dtype, **quantized: Any) -> tuple[nn.Module, Any, str]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     gguf = smollm2_gguf_path()
     folder = _gguf_cache_dir(gguf)
@@ -404,8 +424,7 @@ def _load_smollm2(dtype: torch.dtype, **quantized: Any) -> tuple[nn.Module, Any,
         if not _is_complete(folder, model=True):
             _dequantise_smollm2(gguf, folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa", **quantized)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    return model, tokenizer, str(folder)
+    return model, _cached_tokenizer(folder), str(folder)
 
 
 def _dequantise_smollm2(gguf: Path, folder: Path) -> None:

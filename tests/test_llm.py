@@ -264,3 +264,17 @@ def test_default_smollm2_from_the_wheel():
         logits = loaded.lm_head(h[:, -1])
     assert torch.isfinite(logits).all()
     assert tok.decode(logits.argmax(-1)) == " Paris"
+
+
+def test_the_cached_default_tokenizer_is_parsed_once_and_each_load_gets_its_own_settings():
+    """The SmolLM2 tokenizer is parsed once per process; a special token or chat template set on one model's
+    tokenizer does not reach the next load."""
+    from allspark import llm
+
+    first = llm._smollm2_tokenizer()
+    first.pad_token = "<|im_start|>"
+    first.chat_template = "{{ messages }}"
+    second = llm._smollm2_tokenizer()
+    assert second.pad_token != "<|im_start|>" and second.chat_template != "{{ messages }}"
+    assert second("a test sentence").input_ids == first("a test sentence").input_ids
+    assert second._tokenizer is first._tokenizer  # one parsed backend, not a second parse
