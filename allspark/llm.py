@@ -385,9 +385,10 @@ def _cached_tokenizer(folder: Path) -> Any:
     """``AutoTokenizer.from_pretrained(folder)`` once per process for the package's own content-keyed cache
     folders (the SmolLM2 tokenizer: about 0.4 s to parse, paid by every model build before). Each call returns
     a deep copy of everything but the parsed Rust backend (under a millisecond), so setting ``chat_template``,
-    ``pad_token`` or other special tokens on one model's tokenizer does not reach another; the backend (the
-    vocabulary and merges, which the models only read) is shared. User folders and hub ids are not cached
-    (``_load_pretrained``)."""
+    ``pad_token`` or other special tokens on one model's tokenizer does not reach another. The backend (the
+    vocabulary and merges) is shared: every encode call sets its own padding and truncation on it, as
+    transformers does for any fast tokenizer, but tokens added to it (``add_tokens``) reach every copy in the
+    process. User folders and hub ids are not cached (``_load_pretrained``)."""
     from transformers import AutoTokenizer
 
     key = str(folder.resolve())
