@@ -52,6 +52,14 @@ indexes the new list. The dataset's labels keep indexing its own classes: with a
 order, the loss and the label metrics only mean something where index ``i`` still names class ``i`` (a label
 beyond the new set gives no loss in evaluation and an error in training).
 
+Synonyms: a class can have several names (``choices: [[farmland, fields], [forest, woods], ...]``, or a label
+file line ``farmland | fields``). Every name is scored; a class's score pools its names' normalised scores
+(``synonym_pool``): ``mean`` (default; the mean of the names' scores, so training raises every synonym, not only
+the one already winning) or ``logsumexp`` (log of the mean likelihood, ``logsumexp_j s_j - log n``: a class is as
+likely as its likeliest names). With one name per class both are the identity. ``pred`` and ``choices`` give each
+class by its first name, which is also the answer the answer loss (``answer_weight``) trains generation to say;
+a generated answer matches a class through any of its names.
+
 Switching a task to it (any classification task whose data names its classes)::
 
     python train.py --modality rgb model.head.type=verbalizer
@@ -66,7 +74,9 @@ them: ``'model.head={type: verbalizer, args: {}}'``. At prediction time, with th
     model.predict(batch)["pred"]   # indexes into the new names
 
 Predictions: ``pred`` [B], ``logits`` [B, K] (the normalised scores the loss is taken over; a softmax gives the
-class probabilities) and ``choice_loglik`` [B, K] (the summed log-likelihood of each name, unnormalised).
+class probabilities) and ``choice_loglik`` [B, K] (the summed log-likelihood of each name, unnormalised; pooled
+over a class's synonyms as ``logits`` are), with synonyms also ``name_loglik`` [B, N] (every name, in the order
+of ``choice_ids``).
 """
 from __future__ import annotations
 
@@ -87,6 +97,7 @@ from allspark.types import LLMOutput, Output
 
 LENGTH_NORMS = ("mean", "sum")
 MATCH_MODES = ("exact", "prefix")
+SYNONYM_POOLS = ("mean", "logsumexp")
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
 
 
@@ -96,8 +107,10 @@ def normalise_answer(text: str) -> str:
     return " ".join(_PUNCTUATION.sub(" ", text.replace("_", " ").lower()).split())
 
 
-def read_label_file(path: str | Path) -> list[str]:
-    """Class names from a text file, one per line (UTF-8; surrounding whitespace stripped, blank lines skipped)."""
+def read_label_file(path: str | Path) -> list[str | list[str]]:
+    """Class names from a text file, one class per line (UTF-8; surrounding whitespace stripped, blank lines
+    skipped). A line with ``|`` names the class by several synonyms (``farmland | fields | cropland``), returned
+    as a list."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserFileNotFoundError(f"verbalizer head: label file {path} does not exist (expected a text file with "
@@ -107,7 +120,19 @@ def read_label_file(path: str | Path) -> list[str]:
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"verbalizer head: cannot read label file {path} as UTF-8 text (one class name per line): "
                         f"{exc}") from None
-    return [line.strip() for line in text.splitlines() if line.strip()]
+    out: list[str | list[str]] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        if "|" not in line:
+            out.append(line.strip())
+            continue
+        names = [n.strip() for n in line.split("|")]
+        if not all(names):
+            raise UserError(f"verbalizer head: label file {path}, line {number}: an empty synonym in {line.strip()!r} "
+                            "(synonyms of one class are separated by '|', e.g. 'forest | woods')")
+        out.append(names)
+    return out
 
 
 def replace_label_set(model: nn.Module, path: str | Path, *, num_classes: int | None = None) -> list[str]:
@@ -128,7 +153,7 @@ def replace_label_set(model: nn.Module, path: str | Path, *, num_classes: int | 
                         f"classes (line i names class i), so the file needs {int(num_classes)} names; it has "
                         f"{len(names)}. For another number of classes use `allspark predict --labels`")
     head.set_choices(names, where=f"label file {path}")
-    return names
+    return head.choices
 
 
 @HEADS.register("verbalizer")
@@ -151,7 +176,7 @@ class VerbalizerHead(nn.Module):
         *,
         info: dict[str, Any] | None = None,
         llm: Any = None,
-        choices: Sequence[str] | None = None,
+        choices: Sequence[str | Sequence[str]] | None = None,
         labels: str | None = None,
         answer_prefix: str = "",
         name_prefix: str = " ",
@@ -165,8 +190,13 @@ class VerbalizerHead(nn.Module):
         chunk_rows: int = 256,
         answer_weight: float = 0.0,
         answer_template: str | None = None,
+        synonym_pool: str = "mean",
     ) -> None:
         super().__init__()
+        if synonym_pool not in SYNONYM_POOLS:
+            raise ConfigError(f"verbalizer head: synonym_pool must be one of {list(SYNONYM_POOLS)}, got {synonym_pool!r}")
+        #: how a class with several names is scored from its names' (normalised) scores
+        self.synonym_pool = synonym_pool
         if answer_template is not None:
             fields = {f for _, f, _, _ in string.Formatter().parse(answer_template) if f} \
                 if isinstance(answer_template, str) else None
@@ -229,38 +259,65 @@ class VerbalizerHead(nn.Module):
     # -- the label set ---------------------------------------------------------------------------
     @property
     def choices(self) -> list[str]:
-        """The candidate names, as given (``pred`` indexes this list)."""
-        return list(self._choices)
+        """Each class's first name, as given (``pred`` indexes this list)."""
+        return [names[0] for names in self._synonyms]
 
-    def set_choices(self, names: Sequence[str], *, where: str = "set_choices") -> None:
+    @property
+    def synonyms(self) -> list[list[str]]:
+        """Every name of every class (class ``k``'s names: ``synonyms[k]``; one each unless synonyms were given)."""
+        return [list(names) for names in self._synonyms]
+
+    def set_choices(self, names: Sequence[str | Sequence[str]], *, where: str = "set_choices") -> None:
         """Replace the candidate names (zero-shot: no weight changes; the head has none). ``pred`` then indexes
-        ``names``. At least two distinct, non-empty names."""
+        ``names``. At least two classes; a class is one name or a list of synonyms (scored together, see
+        ``synonym_pool``); every name non-empty and distinct from every other."""
         if isinstance(names, str) or not isinstance(names, Sequence):
             raise ConfigError(f"verbalizer head: {where}: expected a list of class names, got {names!r}")
-        names = list(names)
-        bad = [n for n in names if not isinstance(n, str)]
+        classes = [[n] if isinstance(n, str) else list(n) if isinstance(n, Sequence) and n else n for n in names]
+        bad = [c for c in classes if not isinstance(c, list) or not c or not all(isinstance(n, str) for n in c)]
         if bad:
-            raise ConfigError(f"verbalizer head: {where}: every class name must be a string, got {bad[:4]!r}")
-        if len(names) < 2:
+            raise ConfigError(f"verbalizer head: {where}: every class must be a name (a string) or a non-empty list "
+                              f"of synonyms (strings), got {bad[:4]!r}")
+        if len(classes) < 2:
             raise ConfigError(f"verbalizer head: {where}: needs at least two class names to choose from, got "
-                              f"{len(names)}: {names!r}")
-        empty = [i for i, n in enumerate(names) if not n.strip()]
+                              f"{len(classes)}: {list(names)!r}")
+        empty = [i for i, c in enumerate(classes) if any(not n.strip() for n in c)]
         if empty:
-            raise ConfigError(f"verbalizer head: {where}: class name(s) at position(s) {empty} are empty; got {names!r}")
-        texts = [self._text(n) for n in names]
+            raise ConfigError(f"verbalizer head: {where}: class name(s) at position(s) {empty} are empty; got "
+                              f"{list(names)!r}")
+        flat = [(k, n) for k, c in enumerate(classes) for n in c]
+        texts = [self._text(n) for _, n in flat]
         seen: dict[str, int] = {}
         for i, text in enumerate(texts):
             if text in seen:
-                raise ConfigError(f"verbalizer head: {where}: class names {names[seen[text]]!r} (position "
-                                  f"{seen[text]}) and {names[i]!r} (position {i}) are the same answer {text.strip()!r}")
+                (k0, n0), (k1, n1) = flat[seen[text]], flat[i]
+                raise ConfigError(f"verbalizer head: {where}: class names {n0!r} (position {k0}) and {n1!r} (position "
+                                  f"{k1}) are the same answer {text.strip()!r}")
             seen[text] = i
         tok = self.language_model.tokenizer
         eos = [tok.eos_token_id] if self.append_eos else []
         ids = [list(x) + eos for x in tok(texts, add_special_tokens=False)["input_ids"]]
         if len({tuple(x) for x in ids}) != len(ids):  # e.g. names that differ only where the tokenizer ignores it
-            raise ConfigError(f"verbalizer head: {where}: some class names tokenise identically: {names!r}")
-        self._choices = names
+            raise ConfigError(f"verbalizer head: {where}: some class names tokenise identically: {list(names)!r}")
+        self._synonyms = classes
+        #: token ids of every name, class by class (class k's names first to last)
         self.choice_ids = ids
+        #: the class of each entry of ``choice_ids``
+        self.name_class = [k for k, _ in flat]
+
+    def _class_scores(self, per_name: torch.Tensor) -> torch.Tensor:
+        """[B, N] scores of the names -> [B, K] scores of the classes (``synonym_pool``); the identity when every
+        class has one name."""
+        if len(self.name_class) == len(self._synonyms):
+            return per_name
+        index = torch.tensor(self.name_class, device=per_name.device)
+        counts = torch.bincount(index, minlength=len(self._synonyms)).to(per_name.dtype)
+        if self.synonym_pool == "mean":
+            total = per_name.new_zeros(per_name.shape[0], len(self._synonyms))
+            return total.index_add(1, index, per_name) / counts
+        member = index.unsqueeze(0) == torch.arange(len(self._synonyms), device=per_name.device).unsqueeze(1)  # [K, N]
+        masked = per_name.unsqueeze(1).masked_fill(~member, float("-inf"))  # [B, K, N]
+        return torch.logsumexp(masked, dim=-1) - counts.log()
 
     def _text(self, name: str) -> str:
         name = name.strip()
@@ -277,23 +334,25 @@ class VerbalizerHead(nn.Module):
         return max(len(c) for c in self.choice_ids)
 
     def answer_texts(self) -> list[str]:
-        """Each candidate as the text a generated answer is compared with (template filled, no leading space)."""
-        return [self._text(n).strip() for n in self._choices]
+        """Each class's answer as the text a generated answer is compared with (its first name, template filled,
+        no leading space)."""
+        return [self._text(n).strip() for n in self.choices]
 
     def match_answers(self, texts: Sequence[str], mode: str = "exact") -> list[int]:
-        """The candidate each generated text names, -1 for none. ``exact``: the text equals a candidate after
-        :func:`normalise_answer`; ``prefix``: the text begins with one (the longest wins), for answers that go on
-        after the sentence."""
+        """The class each generated text names, -1 for none. ``exact``: the text equals one of the class's names
+        (any synonym; template filled) after :func:`normalise_answer`; ``prefix``: the text begins with one (the
+        longest wins), for answers that go on after the sentence."""
         if mode not in MATCH_MODES:
             raise ValueError(f"verbalizer head: match mode must be one of {list(MATCH_MODES)}, got {mode!r}")
-        wanted = [normalise_answer(t) for t in self.answer_texts()]
+        wanted = [(normalise_answer(self._text(n)), k) for k, names in enumerate(self._synonyms) for n in names]
+        exact = {w: k for w, k in wanted}
         out = []
         for text in texts:
             got = normalise_answer(text)
             if mode == "exact":
-                out.append(wanted.index(got) if got in wanted else -1)
+                out.append(exact.get(got, -1))
             else:
-                hits = [(len(w), k) for k, w in enumerate(wanted) if got == w or got.startswith(w + " ")]
+                hits = [(len(w), k) for w, k in wanted if got == w or got.startswith(w + " ")]
                 out.append(max(hits)[1] if hits else -1)
         return out
 
@@ -310,11 +369,11 @@ class VerbalizerHead(nn.Module):
                                                        chunk_rows=self.chunk_rows)
 
     def forward(self, llm_out: LLMOutput, batch: dict[str, Any]) -> Output:
-        loglik = self.score(llm_out)
-        logits = loglik
-        if self.length_norm == "mean":
-            lengths = torch.tensor([len(c) for c in self.choice_ids], dtype=loglik.dtype, device=loglik.device)
-            logits = loglik / lengths
+        name_loglik = self.score(llm_out)
+        lengths = torch.tensor([len(c) for c in self.choice_ids], dtype=name_loglik.dtype, device=name_loglik.device)
+        per_name = name_loglik / lengths if self.length_norm == "mean" else name_loglik
+        logits = self._class_scores(per_name)
+        loglik = self._class_scores(name_loglik)
         loss = None
         labels = batch.get(self.label_key)
         if labels is not None:
@@ -324,16 +383,20 @@ class VerbalizerHead(nn.Module):
                 if self.training:
                     raise ValueError(
                         f"verbalizer head: batch[{self.label_key!r}] holds class {int(labels[out_of_range][0])} but "
-                        f"the head has {logits.shape[1]} names {self._choices!r}; training labels must index them")
+                        f"the head has {logits.shape[1]} names {self.choices!r}; training labels must index them")
                 # evaluation with another label set (zero-shot): the dataset's labels do not index it, no loss
             elif labelled.any():
                 loss = F.cross_entropy(logits, labels, ignore_index=self.ignore_index,
                                        label_smoothing=self.label_smoothing)
-                if self.answer_weight:
-                    lengths = torch.tensor([len(c) for c in self.choice_ids], dtype=loglik.dtype, device=loglik.device)
+                if self.answer_weight:  # the true class's first name: the answer generation learns
+                    first = torch.tensor([self.name_class.index(k) for k in range(len(self._synonyms))],
+                                         device=labels.device)
                     rows = labelled.nonzero()[:, 0]
-                    true = labels[rows]
-                    loss = loss + self.answer_weight * (-loglik[rows, true] / lengths[true]).mean()
+                    true = first[labels[rows]]
+                    loss = loss + self.answer_weight * (-name_loglik[rows, true] / lengths[true]).mean()
             else:
                 loss = logits.sum() * 0.0  # no labelled row: a zero loss kept in the graph (see ClassificationHead)
-        return Output(loss, {"logits": logits, "choice_loglik": loglik, "pred": logits.argmax(dim=-1)})
+        out = {"logits": logits, "choice_loglik": loglik, "pred": logits.argmax(dim=-1)}
+        if len(self.name_class) != len(self._synonyms):
+            out["name_loglik"] = name_loglik
+        return Output(loss, out)

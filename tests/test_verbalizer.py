@@ -481,3 +481,69 @@ def test_a_verbalizer_task_in_the_joint_model_scores_through_the_shared_llm():
     assert any(n.startswith("llm.") and "lora" in n for n in grads)
     assert any(n.startswith("tasks.hsi.bridge.") for n in grads)
     assert not any(n.startswith("tasks.table.") for n in grads)
+
+
+# -- synonyms: several names per class ------------------------------------------------------------------
+
+
+def test_synonyms_pool_their_names_scores_by_hand(prompt_first, tmp_path):
+    """A class with several names: every name scored as a class of its own would be, the class's score the mean
+    (``synonym_pool: mean``) or the log-mean-exp (``logsumexp``) of its names' length-normalised scores, by hand;
+    ``pred`` / ``choices`` give each class by its first name; the answer loss trains the first name; a label file
+    line ``a | b`` is one class; generated answers match through any synonym; bad synonym sets are refused."""
+    model, batch = prompt_first
+    head = model.head
+    names = head.choices
+    model.eval()
+    flat_names = ["Asphalt", "road surface", "Meadows", "grass", "pasture"] + names[2:]
+    classes = [["Asphalt", "road surface"], ["Meadows", "grass", "pasture"]] + names[2:]
+    try:
+        head.set_choices(flat_names)  # every name a class: the reference scores, one column per name
+        with torch.no_grad():
+            single = model(batch).predictions
+        flat = single["choice_loglik"]
+        lengths = torch.tensor([len(c) for c in head.choice_ids], dtype=torch.float32)
+        norm = flat / lengths
+        head.set_choices(classes)
+        assert head.choices == ["Asphalt", "Meadows"] + names[2:] and head.synonyms[1] == ["Meadows", "grass", "pasture"]
+        assert head.name_class == [0, 0, 1, 1, 1] + list(range(2, 9))
+        with torch.no_grad():
+            out = model(batch)
+        p = out.predictions
+        assert p["logits"].shape == (9, 9) and p["name_loglik"].shape == (9, 12)
+        assert torch.allclose(p["name_loglik"], flat, atol=TOL)
+        expected = torch.cat([norm[:, :2].mean(1, keepdim=True), norm[:, 2:5].mean(1, keepdim=True), norm[:, 5:]], 1)
+        assert torch.allclose(p["logits"], expected, atol=TOL)
+        assert torch.equal(p["pred"], p["logits"].argmax(-1))
+        assert out.loss.item() == pytest.approx(F.cross_entropy(expected, batch["label"]).item(), abs=TOL)
+        head.synonym_pool = "logsumexp"
+        with torch.no_grad():
+            lse = model(batch).predictions["logits"]
+        assert torch.allclose(lse[:, 1], torch.logsumexp(norm[:, 2:5], 1) - np.log(3), atol=TOL)
+        assert torch.allclose(lse[:, 2:], norm[:, 5:], atol=TOL)
+        head.synonym_pool, head.answer_weight = "mean", 1.0  # the answer loss: the true class's first name
+        with torch.no_grad():
+            loss = model(batch).loss.item()
+        y = batch["label"]
+        first = torch.tensor([0, 2] + list(range(5, 12)))[y]
+        answer = (-flat[torch.arange(9), first] / lengths[first]).mean()
+        assert loss == pytest.approx((F.cross_entropy(expected, y) + answer).item(), abs=TOL)
+        assert head.match_answers(["Grass", "pasture.", "road surface", "water"]) == [1, 1, 0, -1]
+        # a label file: '|' separates a class's synonyms
+        labels = tmp_path / "synonyms.txt"
+        labels.write_text("Asphalt | road surface\nMeadows|grass | pasture\n" + "\n".join(names[2:]) + "\n")
+        from heads.verbalizer import read_label_file
+        assert read_label_file(labels) == classes
+        bad = tmp_path / "bad.txt"
+        bad.write_text("forest | | woods\nriver\n")
+        with pytest.raises(UserError, match=r"bad.txt, line 1: an empty synonym in 'forest \| \| woods'"):
+            read_label_file(bad)
+        with pytest.raises(ConfigError, match=r"'grass' \(position 1\) and 'grass' \(position 3\) are the same answer"):
+            head.set_choices([["Asphalt"], ["Meadows", "grass"], ["x"], ["grass"]])
+        with pytest.raises(ConfigError, match="a non-empty list of synonyms"):
+            head.set_choices([["Asphalt"], []])
+    finally:
+        head.synonym_pool, head.answer_weight = "mean", 0.0
+        head.set_choices(names)
+    with pytest.raises(ConfigError, match=r"synonym_pool must be one of \['mean', 'logsumexp'\], got 'max'"):
+        VerbalizerHead(model.hidden_size, llm=model._llm, choices=["a", "b"], synonym_pool="max")
