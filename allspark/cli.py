@@ -191,14 +191,21 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--labels", type=Path, metavar="FILE",
                    help="a verbalizer checkpoint only: class names, one per line (line i names class i), scored "
                         "instead of the trained names, with no weight changed (synonyms, another language); "
-                        "default --output-dir: CHECKPOINT/eval_<file stem>")
+                        "default --output-dir: CHECKPOINT/eval_<file stem>; a line 'a | b' names one class by "
+                        "synonyms")
+    p.add_argument("--calibrate", action="store_true",
+                   help="a verbalizer checkpoint only: subtract each name's mean score on the training split's "
+                        "inputs (labels unused) before choosing, for names never trained on (with --labels); "
+                        "default --output-dir: CHECKPOINT/eval[_<file stem>]_calibrated")
     args = p.parse_args(argv)
     from allspark.multitask import evaluate_joint, is_joint_checkpoint
 
     if is_joint_checkpoint(args.checkpoint):
-        if args.labels is not None:
-            raise UserError(f"--labels {args.labels}: not supported for a joint checkpoint; load the task's model "
-                            "(AllSpark.from_pretrained) and call model.head.set_choices(names)")
+        if args.labels is not None or args.calibrate:
+            what = f"--labels {args.labels}" if args.labels is not None else "--calibrate"
+            raise UserError(f"{what}: not supported for a joint checkpoint; load the task's model "
+                            "(AllSpark.from_pretrained) and call model.head.set_choices(names) / "
+                            "heads.verbalizer.calibrate_label_set(model, dataset)")
         metrics = evaluate_joint(args.checkpoint, tasks=[args.modality] if args.modality else None,
                                  data_root=args.data_root, output_dir=args.output_dir, split=args.split)
         _print_joint_summary(metrics, (args.output_dir or (args.checkpoint / "eval")) / "metrics.json")
@@ -208,8 +215,10 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     metrics = evaluate_checkpoint(args.checkpoint, modality=args.modality, data_root=args.data_root,
                                   output_dir=args.output_dir, split=args.split,
                                   trust_remote_code=args.trust_remote_code, allow_download=args.allow_download,
-                                  labels=args.labels)
-    out = args.output_dir or (args.checkpoint / ("eval" if args.labels is None else f"eval_{args.labels.stem}"))
+                                  labels=args.labels, calibrate=args.calibrate)
+    from allspark.evaluate_run import default_eval_dir
+
+    out = args.output_dir or (args.checkpoint / default_eval_dir(args.labels, args.calibrate))
     _print_summary(metrics, out / "metrics.json")
     return 0
 

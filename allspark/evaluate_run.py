@@ -26,6 +26,7 @@ def evaluate_checkpoint(
     trust_remote_code: bool = False,
     allow_download: bool = False,
     labels: str | Path | None = None,
+    calibrate: bool = False,
 ) -> dict[str, Any]:
     """``mixed_precision``: the autocast of evaluation, ``auto`` (bf16 where the device runs it natively unless
     the checkpoint pins its LLM to float32, see allspark.precision), ``no``, ``bf16`` or ``fp16``.
@@ -35,7 +36,10 @@ def evaluate_checkpoint(
     (downloaded into huggingface_hub's cache: ``output_dir`` is then required, and the model card is not rewritten
     there). ``labels``: a text file of class names (one per line, line ``i`` naming class ``i``) that replaces a
     verbalizer head's names for this evaluation only (zero-shot label sets: synonyms, another language); the
-    metrics then go to ``CHECKPOINT/eval_<file stem>`` by default, and the model card is left as it is."""
+    metrics then go to ``CHECKPOINT/eval_<file stem>`` by default, and the model card is left as it is. A line
+    ``a | b`` names class ``i`` by synonyms. ``calibrate``: a verbalizer head's scores calibrated against the names'
+    mean score on the training split's inputs (labels unused; :func:`heads.verbalizer.calibrate_label_set`),
+    recorded under ``calibration``; default output ``CHECKPOINT/eval[_<file stem>]_calibrated``."""
     from allspark.errors import UserError
     from allspark.hub import hub_checkpoint_id, resolve_pretrained
 
@@ -52,17 +56,27 @@ def evaluate_checkpoint(
 
         label_set = {"file": str(labels),
                      "names": replace_label_set(model, labels, num_classes=model.info.get("num_classes"))}
+        if any(len(names) > 1 for names in model.head.synonyms):
+            label_set["synonyms"] = model.head.synonyms
     accelerator = make_accelerator(mixed_precision=mixed_precision, llm_dtype=cfg.model.llm.dtype)
     precision = run_precision(model._llm, accelerator, mixed_precision, cfg.model.llm.dtype)
     if modality is not None and cfg.modality != modality:
         raise ConfigError(f"--modality {modality!r} but the checkpoint was trained on {cfg.modality!r}")
     if data_root is not None:
         cfg = from_dict(Config, apply_overrides(to_dict(cfg), {"data.root": data_root}))
-    out_dir = Path(output_dir) if output_dir is not None else checkpoint / (
-        "eval" if labels is None else f"eval_{Path(labels).stem}")
+    out_dir = Path(output_dir) if output_dir is not None else checkpoint / default_eval_dir(labels, calibrate)
     run = build_run(cfg, splits=(split,), accelerator=accelerator, info=model.info, model=model, loaders="eval")
     dataset, evaluator, baselines, loader = run.datasets[split], run.evaluator, run.baselines, run.loaders[split]
     loading = loader_options(cfg.data, accelerator.device)
+    calibration = None
+    if calibrate:
+        from heads.verbalizer import calibrate_label_set
+
+        model.to(accelerator.device)
+        calibration = {"split": "train", **calibrate_label_set(model, run.dataset("train"),
+                                                               batch_size=cfg.data.eval_batch_size,
+                                                               device=accelerator.device,
+                                                               autocast=accelerator.autocast)}
     model = accelerator.prepare(model)
     gathered = {split: collect_predictions(model, accelerator.prepare(loader), accelerator, evaluator.pred_keys,
                                            evaluator.batch_keys, split)}
@@ -75,6 +89,8 @@ def evaluate_checkpoint(
     metrics["precision"] = precision
     if label_set is not None:
         metrics["label_set"] = label_set
+    if calibration is not None:
+        metrics["calibration"] = calibration
     metrics.update(evaluator.model_metrics(accelerator.unwrap_model(model), dataset, accelerator))
     if accelerator.is_main_process:  # classical baselines fitted on the training split, scored on this one
         train_set = run.dataset("train") if baselines else None
@@ -86,7 +102,7 @@ def evaluate_checkpoint(
         report = evaluator.report(gathered[split], metrics, extras, out_dir,
                                   f"AllSpark evaluation: {cfg.modality} ({split})")
         _add_training_curves(report, checkpoint, ckpt, cfg)
-        if hub_id is None and label_set is None:  # a downloaded checkpoint's card is the repository's; a replaced
+        if hub_id is None and label_set is None and calibration is None:  # a downloaded checkpoint's card is the repository's; a replaced
             # label set is this evaluation's, not the checkpoint's
             from allspark.model_card import write_model_card
 
@@ -95,6 +111,13 @@ def evaluate_checkpoint(
                              num_trainable=unwrapped.num_parameters(trainable_only=True))
     accelerator.wait_for_everyone()
     return metrics
+
+
+def default_eval_dir(labels: str | Path | None, calibrate: bool = False) -> str:
+    """The folder under the checkpoint where an evaluation writes by default: ``eval``, ``eval_<label file stem>``,
+    and ``_calibrated`` after either when calibrated."""
+    name = "eval" if labels is None else f"eval_{Path(labels).stem}"
+    return name + ("_calibrated" if calibrate else "")
 
 
 def _add_training_curves(report: Path, checkpoint: Path, ckpt: Path, cfg: Config) -> None:

@@ -275,6 +275,50 @@ def test_evaluate_and_predict_take_a_label_file_and_change_no_weight(trained_run
         replace_label_set(linear, same)
 
 
+def test_calibration_subtracts_the_names_mean_score_on_training_inputs(trained_run, tmp_path):
+    """``calibrate_label_set``: the prior is the mean of the uncalibrated logits over the chosen inputs (by hand),
+    later logits are the raw ones minus it, ``pred`` their argmax; new names clear it; no weight changes.
+    ``evaluate.py --calibrate``: its test metrics equal those of the calibrated predictions computed here, the
+    prior is recorded, the checkpoint untouched. A linear head is refused."""
+    from allspark.cli import evaluate_main
+    from heads.verbalizer import calibrate_label_set
+
+    run, _ = trained_run
+    model = AllSpark.from_pretrained(run / "best")
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    train_set, test_set = build_dataset(model.cfg, "train"), build_dataset(model.cfg, "test")
+    index = sorted({int(i) for i in np.linspace(0, len(train_set) - 1, 40)})
+    raw = model.predict(train_set.collate([train_set[i] for i in index]))["logits"]
+    info = calibrate_label_set(model, train_set, batch_size=16, max_samples=40)
+    assert info["samples"] == len(index)
+    assert torch.allclose(model.head.prior, raw.mean(0), atol=TOL)
+    model.head.prior = None
+    test = test_set.collate([test_set[i] for i in range(len(test_set))])
+    plain = model.predict(test)["logits"]
+    calibrate_label_set(model, train_set, batch_size=16, max_samples=40)
+    calibrated = model.predict(test)
+    assert torch.allclose(calibrated["logits"], plain - raw.mean(0), atol=TOL)
+    assert torch.equal(calibrated["pred"], calibrated["logits"].argmax(-1))
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    model.head.set_choices(list(reversed(model.head.choices)))
+    assert model.head.prior is None
+
+    calibrate_label_set(model, train_set, batch_size=64, max_samples=512)  # evaluate.py's settings
+    model.head.set_choices(model.head.choices[::-1])  # back to the trained order (clears the prior) ...
+    info = calibrate_label_set(model, train_set, batch_size=64, max_samples=512)  # ... and calibrate again
+    expected = (model.predict(test)["pred"] == test["label"]).float().mean().item()
+    files = {p.name: p.read_bytes() for p in sorted((run / "best").rglob("*")) if p.is_file()}
+    assert evaluate_main(["--modality", "hsi", "--checkpoint", str(run), "--calibrate"]) == 0
+    metrics = json.loads((run / "eval_calibrated" / "metrics.json").read_text())
+    assert metrics["OA"] == pytest.approx(expected, abs=1e-6)
+    assert metrics["calibration"]["split"] == "train" and metrics["calibration"]["samples"] == info["samples"]
+    assert metrics["calibration"]["prior"] == pytest.approx(info["prior"], abs=1e-4)
+    assert {p.name: p.read_bytes() for p in sorted((run / "best").rglob("*")) if p.is_file()} == files
+    linear = AllSpark.from_config(load_config("hsi", overrides=TINY_HSI), train_set.info())
+    with pytest.raises(UserError, match="this model's head is ClassificationHead"):
+        calibrate_label_set(linear, train_set)
+
+
 def test_bad_label_sets_are_one_clear_error(prompt_first, tmp_path):
     model, _ = prompt_first
     llm, d = model._llm, model.hidden_size
