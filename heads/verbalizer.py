@@ -166,7 +166,7 @@ def calibrate_label_set(model: nn.Module, dataset, *, batch_size: int = 64, max_
     read) is kept on ``head.prior`` and subtracted from every later score, so that ``pred`` is the class whose
     name the sample makes likelier than inputs do on average (contextual calibration). It matters for names never
     trained on: a name's own frequency under the LLM can outweigh what the sample says (on the rgb demo every
-    test image got the same synonym, top1 0.20, and 0.47 after calibrating on the training images, README
+    test image got the same synonym, top1 0.21, and 0.45 after calibrating on the training images, README
     "Answers in words"). Call it again after :meth:`VerbalizerHead.set_choices` (which clears the prior).
     ``autocast``: a context manager factory for the forward (e.g. ``accelerator.autocast``). Returns
     ``{"samples": n, "prior": [K floats]}``."""
