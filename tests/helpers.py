@@ -21,6 +21,9 @@ TINY_HSI = [
     # the defaults of the design (the HSI demo block changes both): last-token pooling, random prompts
     "model.head.args.pooling=last",
     "model.prompts.train_choice=random",
+    # no scene map (every one of the demo scene's 1600 pixels, after each test pass): the tests that check it set
+    # eval.args.scene_map=true (tests/test_training.py, tests/test_predict.py; tests/test_sequence.py tiles it)
+    "eval.args.scene_map=false",
 ]
 
 

@@ -1,7 +1,9 @@
 """The command line as a user meets it: clear one-line errors with exit status 2, plugins, two processes.
 
 ``train.py`` itself exits 2 in a subprocess in ``test_unknown_modality``; the other user errors go through the same
-entry function and ``run_cli`` in this process (``run_inprocess``), which saves a subprocess's imports each."""
+entry function and ``run_cli`` in this process (``run_inprocess``), which saves a subprocess's imports each. The
+plugin (pip install, then subprocesses) and the two-process (torchrun) tests are in the slow tier
+(``pytest -m slow``; CI runs it after the default tier)."""
 import json
 import math
 import sys
@@ -12,8 +14,6 @@ import pytest
 import scipy.io
 
 from tests.helpers import ROOT, TINY_HSI, free_port, majority_share, run, run_inprocess
-
-pytestmark = pytest.mark.slow
 
 
 def _fails(result, *fragments):
@@ -100,6 +100,7 @@ PLUGIN = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_entry_point_plugin_is_listed_and_trains(tmp_path):
     pkg = tmp_path / "plugin_src"
     (pkg / "band_stats_plugin").mkdir(parents=True)
@@ -144,6 +145,7 @@ def test_entry_point_plugin_is_listed_and_trains(tmp_path):
     assert "band_stats" in saved
 
 
+@pytest.mark.slow
 def test_two_processes_train_and_gather_without_duplicates(tmp_path):
     """torchrun starts two CPU processes (gloo); evaluation gathers each test pixel exactly once."""
     out = tmp_path / "run"

@@ -217,7 +217,7 @@ def test_tiny_training_run_reports_all_search_metrics(tmp_path):
                                              # identity batches (4 people x 2 visible + 2 infrared) and the
                                              # cross-modal term go through the accelerate loop too
                                              "data.args.pairing=single", "data.args.images_per_identity=4",
-                                             "model.head.args.cross_modal_weight=1.0"])
+                                             "model.head.args.cross_modal_weight=1.0", "eval.baselines=[]"])
     metrics = train(cfg, tmp_path / "run")
     for key in ("rank1", "rank10", "rank20", "mAP", "rank1_std"):
         assert 0.0 <= metrics[key] <= 1.0
@@ -358,7 +358,7 @@ def test_tiny_paired_training_run_beats_chance(tmp_path):
     each modality through their own stream in the all-search evaluation."""
     from allspark.training import train
 
-    cfg = _tiny_infrared("train.epochs=1", "train.lr=3e-3", "train.warmup_epochs=0.1")
+    cfg = _tiny_infrared("train.epochs=1", "train.lr=3e-3", "train.warmup_epochs=0.1", "eval.baselines=[]")
     assert cfg.data.args["pairing"] == "paired"
     metrics = train(cfg, tmp_path / "run")
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]

@@ -30,6 +30,7 @@ from tests.helpers import ROOT, free_port, run, reset_accelerate
 TINY = ["model.llm.name=tiny", "model.bridge={num_queries: 4, depth: 1, heads: 2, ff_mult: 2}", "eval.baselines=[]",
         "data.batch_size=8", "model.llm.adapter.dropout=0.1",
         "hsi:model.encoders.0.args={dim: 16, depth: 1, heads: 2, bands_per_token: 8}", "hsi:data.args.train_ratio=0.1",
+        "hsi:eval.args.scene_map=false",  # 1600 pixels per evaluation; tests/test_predict.py covers the scene map
         "table:model.encoders.0.args={dim: 16, depth: 1, heads: 2, dropout: 0.0}", "table:data.args.train_ratio=0.05",
         "joint.train.log_every_steps=1", "joint.train.lr=3e-3"]
 #: three tasks of three encoder widths (hsi 16, table 24, sar 32) for the shared bridge
@@ -699,6 +700,7 @@ train_joint(load_joint_config(tasks=["hsi", "table"], overrides=overrides), out,
 """
 
 
+@pytest.mark.slow
 def test_two_processes_take_the_same_task_every_step_and_match_one_process(tmp_path, monkeypatch):
     """torchrun, two CPU processes (gloo), per-process batches of 4, against one process with batches of 8: the
     same global batches (hsi 72 and table 144 training rows: whole batches, no padding), the same draws on both

@@ -136,6 +136,7 @@ def test_tiny_training_run_writes_top1_and_macc(tmp_path):
         "bn_momentum: 0.5}",
         "model.bridge={num_queries: 4, depth: 1, heads: 2, ff_mult: 2}",
         "model.llm.dtype=float32", "data.batch_size=16", "train.epochs=10", "train.lr=1e-3",
+        "eval.baselines=[]",  # point kNN and the probe are checked in tests/test_baselines.py
     ])
     metrics = train(cfg, tmp_path / "run")
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())

@@ -35,7 +35,7 @@ OVERRIDES = {
     "rgb": [*TINY, *SHORT, "data.args.image_size=64", "model.encoders.0.args.image_size=64"],
     "msi": [*TINY, *SHORT],
     "sar": [*TINY, *SHORT],
-    "hsi": [*TINY_HSI, "model.llm.dtype=float32", *SHORT],
+    "hsi": [*TINY_HSI, "model.llm.dtype=float32", *SHORT, "eval.args.scene_map=true"],
     "table": [*TINY, *SHORT, "model.encoders.0.args={dim: 16, depth: 1, heads: 2, dropout: 0.0}"],
     "text": ["model.llm.name=tiny", "model.llm.dtype=float32", *SHORT, "eval.args.compare_untrained=false"],
     "pointcloud": [*TINY, *SHORT,
@@ -392,6 +392,7 @@ def _no_output(path: Path) -> None:
     assert not path.exists() or (path.is_dir() and not any(path.iterdir())), list(path.rglob("*"))
 
 
+@pytest.mark.slow
 def test_cli_predicts_an_image_folder(checkpoints, tmp_path):
     run_dir = checkpoints("rgb")
     _, test = _test_set(run_dir)

@@ -306,7 +306,6 @@ class _Crash(RuntimeError):
     pass
 
 
-@pytest.mark.slow
 def test_resume_logs_every_step_once_and_refuses_a_changed_config(tmp_path):
     from allspark.training import find_latest_checkpoint, train
 

@@ -141,6 +141,7 @@ def test_tiny_training_run_writes_top1(tmp_path):
         "model.llm.name=tiny", "model.llm.dtype=float32",
         "model.bridge={num_queries: 4, depth: 1, heads: 2, ff_mult: 2}",
         "data.batch_size=16", "train.epochs=6", "train.lr=1e-3",
+        "eval.baselines=[]",  # each baseline decodes every clip again
     ])
     metrics = train(cfg, tmp_path / "run")
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
