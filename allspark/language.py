@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 import torch
 
+from allspark.config import ConfigError
 from allspark.lm import LanguageModel, adapters_off, pad_rows
 from allspark.types import LLMOutput, LMPrefix
 
@@ -115,6 +116,18 @@ class TextCodec:
             if not ids:
                 raise ValueError(f"target text {text!r} has no tokens (and model.text_input.append_eos is off)")
         return out
+
+    def check_choices(self, choices: Sequence[str]) -> None:
+        """Answers scored whole (class words): each must fit ``max_target_tokens``, which would otherwise cut it
+        (in training targets and in scoring alike). A ``ConfigError`` names the longest one."""
+        budget = self.cfg.max_target_tokens
+        lengths = {c: len(ids) for c, ids in zip(choices, self._ids(list(choices)))}
+        over = {c: n for c, n in lengths.items() if n > budget}
+        if over:
+            name = max(over, key=over.get)
+            raise ConfigError(f"model.text_input.max_target_tokens={budget} is shorter than the answer {name!r} "
+                              f"({over[name]} tokens; {len(over)} of {len(lengths)} class names are longer): "
+                              f"raise it to at least {over[name]} so every class name is scored whole")
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)

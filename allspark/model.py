@@ -124,6 +124,8 @@ class AllSpark(nn.Module):
         self.register_buffer("prompt_lengths", torch.tensor([len(i) for i in ids]), persistent=False)
         # Tasks with no encoder take raw text (``input_text``/``target_text``), tokenised by the model.
         self.text_codec = TextCodec(tok, mcfg.text_input) if not len(self.encoders) else None
+        if self.text_codec is not None and getattr(self.head, "choices", None):
+            self.text_codec.check_choices(self.head.choices)
         self._hold_parameters(getattr(cfg.train, "train_only", None) or [])
         self._hold_unused_path(shared_llm=llm is not None)
 

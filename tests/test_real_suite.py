@@ -99,6 +99,12 @@ def test_fortunes_set_is_read_by_the_imdb_reader(tmp_path, monkeypatch):
     assert all("<br" not in t and len(t) > 20 for t in texts)
     words = {ds["test"][i]["target_text"] for i in range(len(ds["test"]))}
     assert words == {"negative", "positive"}
+    # fortunes-named: the same entries and split in class folders, the label words the category names
+    assemble.build_fortunes(tmp_path / "named", named=True)
+    named = _datasets("fortunes-named", tmp_path / "named")
+    assert named["test"].info()["class_names"] == ["computers", "people"]
+    assert [named["test"][i]["input_text"] for i in range(len(named["test"]))] == texts
+    assert [int(named["test"][i]["label"]) for i in range(36)] == [int(ds["test"][i]["label"]) for i in range(36)]
 
 
 def test_chicago_set_is_read_by_the_metr_la_reader(tmp_path):

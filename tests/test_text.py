@@ -62,6 +62,57 @@ def test_reader_errors(tmp_path):
         IMDB(tmp_path, "train", val_ratio=0)[2]
 
 
+def test_reader_takes_one_folder_per_class_and_names_the_classes_after_them(tmp_path):
+    """Beyond aclImdb's pos/neg: <root>/{train,test}/<class>/*.txt, classes in sorted order, the label word the folder
+    name with '_' as a space; bad class folders are one clear error each."""
+    texts = {"computer_jokes": ["Real programmers count from zero.", "It compiles; ship it."],
+             "people": ["A friend in need is a pest.", "Be yourself."], "weather": ["Rain at noon.", "Fog."]}
+    for split in ("train", "test"):
+        for name, rows in texts.items():
+            (tmp_path / split / name).mkdir(parents=True)
+            for j, row in enumerate(rows):
+                (tmp_path / split / name / f"note{j}.txt").write_text(row)
+    train, test = IMDB(tmp_path, "train", val_ratio=0), IMDB(tmp_path, "test")
+    assert train.info() == {"num_classes": 3, "class_names": ["computer jokes", "people", "weather"]}
+    assert [int(test[i]["label"]) for i in range(len(test))] == [0, 0, 1, 1, 2, 2]
+    assert test[0]["target_text"] == "computer jokes" and test[0]["input_text"] == "Real programmers count from zero."
+    assert test[5]["target_text"] == "weather" and test[5]["input_text"] == "Fog."
+    val = IMDB(tmp_path, "val", val_ratio=0.5)
+    assert sorted(int(val[i]["label"]) for i in range(len(val))) == [0, 1, 2]  # stratified: one of each class
+    (tmp_path / "test" / "weather").rename(tmp_path / "test" / "climate")
+    with pytest.raises(DatasetFormatError, match=r"class folders differ between .*train \['computer_jokes', 'people', "
+                                                 r"'weather'\] and .*test \['climate', 'computer_jokes', 'people'\]"):
+        IMDB(tmp_path, "train")
+    (tmp_path / "test" / "climate").rename(tmp_path / "test" / "weather")
+    (tmp_path / "train" / "Weather").mkdir()
+    (tmp_path / "test" / "Weather").mkdir()
+    with pytest.raises(DatasetFormatError, match="name the same class twice"):
+        IMDB(tmp_path, "train")
+    for split in ("train", "test"):
+        (tmp_path / split / "Weather").rmdir()
+    (tmp_path / "train" / "people" / "note0.txt").unlink()
+    (tmp_path / "train" / "people" / "note1.txt").unlink()
+    with pytest.raises(DatasetFormatError, match=r"no \.txt reviews in .*train/people"):
+        IMDB(tmp_path, "train")
+    lone = tmp_path / "lone"
+    (lone / "train" / "only").mkdir(parents=True)
+    with pytest.raises(DatasetFormatError, match=r"holds 1 class folder\(s\) \['only'\]; a classification needs two"):
+        IMDB(lone, "train")
+
+
+def test_a_class_name_longer_than_the_target_budget_is_a_config_error():
+    """Class words are scored whole: one over model.text_input.max_target_tokens is refused, not cut."""
+    from allspark.config import ConfigError
+
+    cfg = load_config("text", overrides=["model.llm.name=tiny", "model.llm.dtype=float32",
+                                         "model.text_input.max_target_tokens=2"])
+    info = {"num_classes": 2, "class_names": ["people", "self blocking bricks of computers"]}
+    with pytest.raises(ConfigError, match=r"max_target_tokens=2 is shorter than the answer 'self blocking bricks of "
+                                          r"computers' \(\d+ tokens; 1 of 2 class names"):
+        AllSpark(cfg, info)
+    AllSpark(cfg, {"num_classes": 2, "class_names": ["people", "computers"]})  # one token each: fits
+
+
 def test_sequence_loss_on_label_tokens_only(model, corpus):
     ds = IMDB(corpus, "test")
     batch = ds.collate([ds[0], ds[5]])

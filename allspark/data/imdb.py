@@ -8,11 +8,18 @@ On-disk layout (``aclImdb_v1.tar.gz`` unpacked; any corpus in this layout works)
 used (the paper uses the labelled data only). ``val`` is a stratified ``val_ratio`` share of ``train``
 (seeded); ``test`` is the test folder. The ``<br />`` tags of the original files become spaces.
 
+Beyond the official files: any text-classification corpus with one folder per class,
+``<root>/{train,test}/<class>/*.txt`` (two or more classes, the same class folders under ``train`` and ``test``;
+the ``<id>_<rating>`` file names are not needed). Without ``pos``/``neg`` folders the classes are the folder
+names in sorted order and each class's label word is its folder name with ``_`` read as a space
+(``train/computer_jokes`` -> "computer jokes"), so the language-model head scores the words that name the classes.
+
 Items carry raw text (the model tokenises it: see :mod:`allspark.language`): ``input_text`` (the review),
-``target_text`` (the label word, ``negative`` or ``positive``), ``label`` int64 (0 = negative, 1 = positive)
-and ``index``. Long reviews are cut to the token budget ``model.text_input.max_input_tokens`` by the model;
-the evaluation reports how many were cut. An empty ``pos``/``neg`` folder, an empty review file or one that is
-not UTF-8 raises :class:`DatasetFormatError` naming the file.
+``target_text`` (the label word: ``negative`` or ``positive`` for ``neg``/``pos``, else the class name), ``label``
+int64 (IMDB: 0 = negative, 1 = positive; class folders: the sorted position) and ``index``. Long reviews are cut to
+the token budget ``model.text_input.max_input_tokens`` by the model; the evaluation reports how many were cut. A
+missing or empty class folder, class folders that differ between ``train`` and ``test``, an empty review file or one
+that is not UTF-8 raises :class:`DatasetFormatError` naming the file or folder.
 """
 from __future__ import annotations
 
@@ -29,7 +36,8 @@ from allspark.registry import DATASETS
 
 __all__ = ["IMDB", "read_review"]
 
-LAYOUT = "expected layout: <root>/{train,test}/{pos,neg}/<id>_<rating>.txt (the aclImdb folder)"
+LAYOUT = ("expected layout: <root>/{train,test}/{pos,neg}/<id>_<rating>.txt (the aclImdb folder), or one folder per "
+          "class: <root>/{train,test}/<class>/*.txt")
 LABEL_DIRS = ("neg", "pos")
 LABEL_WORDS = ("negative", "positive")
 _BR = re.compile(r"<br\s*/?>", re.IGNORECASE)
@@ -62,8 +70,9 @@ class IMDB(ModalityDataset):
             raise ConfigError(f"IMDB: val_ratio must be in [0, 1), got {val_ratio}")
         base = self.root / "aclImdb" if (self.root / "aclImdb").is_dir() else self.root
         folder = base / ("test" if split == "test" else "train")
+        self.class_dirs, self.label_words = class_folders(base)
         samples: list[tuple[Path, int]] = []
-        for label, name in enumerate(LABEL_DIRS):
+        for label, name in enumerate(self.class_dirs):
             d = folder / name
             if not d.is_dir():
                 raise DatasetFormatError(f"IMDB: {d} is missing or not a folder; {LAYOUT}")
@@ -76,7 +85,7 @@ class IMDB(ModalityDataset):
         if split != "test" and val_ratio > 0:
             rng = np.random.default_rng(split_seed)
             keep = []
-            for label in range(len(LABEL_DIRS)):
+            for label in range(len(self.class_dirs)):
                 idx = [i for i, (_, y) in enumerate(samples) if y == label]
                 rng.shuffle(idx)
                 n_val = max(1, int(round(val_ratio * len(idx))))
@@ -85,14 +94,14 @@ class IMDB(ModalityDataset):
         self.samples = samples
 
     def info(self) -> dict[str, Any]:
-        return {"num_classes": 2, "class_names": list(LABEL_WORDS)}
+        return {"num_classes": len(self.label_words), "class_names": list(self.label_words)}
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         path, label = self.samples[i]
-        return {"input_text": read_review(path), "target_text": LABEL_WORDS[label],
+        return {"input_text": read_review(path), "target_text": self.label_words[label],
                 "label": torch.tensor(label, dtype=torch.int64), "index": torch.tensor(i, dtype=torch.int64)}
 
     # -- demo ------------------------------------------------------------------------------------
@@ -151,6 +160,31 @@ class IMDB(ModalityDataset):
                     if rng.random() < 0.3:  # the original files carry HTML line breaks
                         text = text.replace(". ", ".<br /><br />", 1)
                     (d / f"{j}_{rating}.txt").write_text(text + "\n", encoding="utf-8")
+
+
+def class_folders(base: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The class folders under ``base/train`` and their label words: IMDB's ``neg``/``pos`` (words ``negative``,
+    ``positive``) when ``train/pos`` or ``train/neg`` exists, else every sub-folder of ``train`` but ``unsup`` in
+    sorted order (words: the names, ``_`` as a space), which ``base/test`` must hold too."""
+    train, test = base / "train", base / "test"
+    if not train.is_dir() or (train / "pos").exists() or (train / "neg").exists():
+        return LABEL_DIRS, LABEL_WORDS  # (a missing folder is reported by the reader, naming train/neg)
+    names = tuple(sorted(d.name for d in train.iterdir() if d.is_dir() and d.name != "unsup"
+                         and not d.name.startswith(".")))
+    if len(names) < 2:
+        raise DatasetFormatError(f"IMDB: {train} holds {len(names)} class folder(s) {list(names)}; a classification "
+                                 f"needs two or more; {LAYOUT}")
+    if test.is_dir():
+        found = tuple(sorted(d.name for d in test.iterdir() if d.is_dir() and d.name != "unsup"
+                             and not d.name.startswith(".")))
+        if found != names:
+            raise DatasetFormatError(f"IMDB: the class folders differ between {train} {list(names)} and {test} "
+                                     f"{list(found)}; {LAYOUT}")
+    words = tuple(" ".join(n.replace("_", " ").split()) for n in names)
+    if len(set(w.lower() for w in words)) < len(words):
+        raise DatasetFormatError(f"IMDB: class folders {list(names)} under {train} name the same class twice "
+                                 "(after '_' -> ' ' and case)")
+    return names, words
 
 
 def _review_order(path: Path) -> tuple[int, str]:

@@ -16,6 +16,7 @@ that names the package to install, and exit status 2.
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import importlib
 import importlib.metadata
@@ -146,8 +147,10 @@ def read_fortunes(path: Path) -> list[str]:
 FORTUNE_CLASSES = (("neg", "computers"), ("pos", "people"))
 
 
-def build_fortunes(root: Path, per_class: int = 1000, train_share: float = 0.7) -> dict:
-    """Two categories of the Debian fortune cookie files -> the aclImdb layout (binary text classification)."""
+def build_fortunes(root: Path, per_class: int = 1000, train_share: float = 0.7, named: bool = False) -> dict:
+    """Two categories of the Debian fortune cookie files -> the aclImdb layout (binary text classification).
+    ``named``: the same entries and split in class folders named after the categories (``computers/``,
+    ``people/``), which the reader also accepts; the label words are then the category names."""
     files = require_fortunes("fortunes", tuple(c for _, c in FORTUNE_CLASSES))
     rng = np.random.default_rng(SEED)
     seen: set[str] = set()
@@ -166,20 +169,24 @@ def build_fortunes(root: Path, per_class: int = 1000, train_share: float = 0.7) 
         n_train = int(round(train_share * len(order)))
         rating = 1 if label_dir == "neg" else 10
         for split, idx in (("train", order[:n_train]), ("test", order[n_train:])):
-            d = root / "aclImdb" / split / label_dir
+            d = root / "aclImdb" / split / (cat if named else label_dir)
             d.mkdir(parents=True, exist_ok=True)
             for j, k in enumerate(idx):
                 (d / f"{j}_{rating}.txt").write_text(entries[k].replace("\n", "<br />") + "\n", encoding="utf-8")
-            sizes[f"{split}/{label_dir} ({cat})"] = len(idx)
+            sizes[f"{split}/{cat if named else label_dir} ({cat})"] = len(idx)
+    layout = ("{train,test}/{computers,people}/<id>_<marker>.txt, one folder per class" if named
+              else "{train,test}/{pos,neg}/<id>_<rating>.txt")
+    task = ("topic classification: class folders `computers` and `people`, the reader's label words these names"
+            if named else "topic classification: `neg` = category `computers`, `pos` = category `people` "
+            "(the label words stay the reader's `negative` / `positive`)")
     write_source_md(root, "fortunes: Debian fortune cookie files, two categories", {
-        "stands in for": "IMDB / aclImdb (`--modality text`, reader `imdb`: {train,test}/{pos,neg}/<id>_<rating>.txt)",
+        "stands in for": f"IMDB / aclImdb (`--modality text`, reader `imdb`: {layout})",
         "source package": f"Debian `fortunes` {debian_version('fortunes')} "
                           f"(files {', '.join(str(p) for p in files)})",
         "origin": "the BSD fortune(6) data files (Ken Arnold et al.; `cookie` by Karl Lehenbauer), "
                   "human-written quotations and jokes sorted by topic",
         "licence": "BSD (see /usr/share/doc/fortunes/copyright)",
-        "task": "topic classification: `neg` = category `computers`, `pos` = category `people` "
-                "(the label words stay the reader's `negative` / `positive`)",
+        "task": task,
         "size": ", ".join(f"{k}: {v}" for k, v in sizes.items()),
     }, [
         "entries split at the `%` lines; entries shorter than 20 characters and duplicates (case- and "
@@ -187,7 +194,7 @@ def build_fortunes(root: Path, per_class: int = 1000, train_share: float = 0.7) 
         f"per category a seeded (numpy default_rng({SEED})) shuffle keeps at most {per_class} entries, "
         f"{train_share:.0%} of them train, the rest test",
         "line breaks written as `<br />` (as in aclImdb; the reader turns them into spaces)",
-        "the `<rating>` of the file names is a label marker (1 = neg, 10 = pos), not a rating",
+        "the `<rating>` of the file names is a label marker (1 = computers, 10 = people), not a rating",
     ])
     return sizes
 
@@ -438,6 +445,11 @@ SETS: dict[str, RealSet] = {s.name: s for s in [
             ["model.text_input.max_input_tokens=96", "data.batch_size=16", "data.eval_batch_size=32",
              "train.lr=5e-4", "train.epochs=2", "train.log_every_steps=5"],
             "Debian fortunes computers vs people, 1400/600 texts"),
+    RealSet("fortunes-named", "text", "IMDB", "language", functools.partial(build_fortunes, named=True),
+            lambda: require_fortunes("fortunes-named", tuple(c for _, c in FORTUNE_CLASSES)) and None,
+            ["model.text_input.max_input_tokens=96", "data.batch_size=16", "data.eval_batch_size=32",
+             "train.lr=5e-4", "train.epochs=2", "train.log_every_steps=5"],
+            "the fortunes texts and split in class folders computers/ and people/ (label words: the class names)"),
     RealSet("pycode", "code", "CodeSearchNet", "code search", build_pycode,
             lambda: [require_module("pycode", p, p) for p in CODE_PACKAGES] and None,
             ["data.args.language=python", "model.text_input.max_input_tokens=128",
