@@ -311,6 +311,12 @@ def test_calibration_subtracts_the_names_mean_score_on_training_inputs(trained_r
     assert metrics["calibration"]["split"] == "train"
     assert metrics["calibration"]["samples"] == min(512, len(train_set))
     prior = torch.tensor(metrics["calibration"]["prior"])
+    # ... measured on the training split: the mean raw logit over the same evenly spaced training inputs
+    model.head.set_choices(list(reversed(model.head.choices)))  # back to the trained order (no prior)
+    chosen = sorted({int(i) for i in np.linspace(0, len(train_set) - 1, min(512, len(train_set)))})
+    raw_cli = torch.cat([model.predict(train_set.collate([train_set[i] for i in chosen[j: j + 64]]))["logits"]
+                         for j in range(0, len(chosen), 64)])
+    assert torch.allclose(prior, raw_cli.mean(0), atol=1e-4)
     expected = ((plain - prior).argmax(-1) == test["label"]).float().mean().item()
     assert metrics["OA"] == pytest.approx(expected, abs=1e-6)
     assert {p.name: p.read_bytes() for p in sorted((run / "best").rglob("*")) if p.is_file()} == files

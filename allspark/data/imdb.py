@@ -169,14 +169,16 @@ def class_folders(base: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
     train, test = base / "train", base / "test"
     if not train.is_dir() or (train / "pos").exists() or (train / "neg").exists():
         return LABEL_DIRS, LABEL_WORDS  # (a missing folder is reported by the reader, naming train/neg)
-    names = tuple(sorted(d.name for d in train.iterdir() if d.is_dir() and d.name != "unsup"
-                         and not d.name.startswith(".")))
+    def subfolders(folder: Path) -> tuple[str, ...]:
+        return tuple(sorted(d.name for d in folder.iterdir() if d.is_dir() and d.name != "unsup"
+                            and not d.name.startswith(".")))
+
+    names = subfolders(train)
     if len(names) < 2:
         raise DatasetFormatError(f"IMDB: {train} holds {len(names)} class folder(s) {list(names)}; a classification "
                                  f"needs two or more; {LAYOUT}")
     if test.is_dir():
-        found = tuple(sorted(d.name for d in test.iterdir() if d.is_dir() and d.name != "unsup"
-                             and not d.name.startswith(".")))
+        found = subfolders(test)
         if found != names:
             raise DatasetFormatError(f"IMDB: the class folders differ between {train} {list(names)} and {test} "
                                      f"{list(found)}; {LAYOUT}")
