@@ -49,7 +49,9 @@ only emulates is obeyed with one warning naming the measured slowdown.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -410,7 +412,8 @@ def _smollm2_tokenizer() -> Any:
     tok_dir = full.with_name(full.name + ".tokenizer")
     with file_lock(tok_dir.with_name(f".{tok_dir.name}.lock")):  # one writer across processes
         if not _is_complete(tok_dir, model=False):
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            with _gguf_parsed_once():
+                tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             with atomic_dir(tok_dir) as tmp:
                 tokenizer.save_pretrained(tmp)
     return _cached_tokenizer(tok_dir)
@@ -428,13 +431,42 @@ def _load_smollm2(dtype: torch.dtype, **quantized: Any) -> tuple[nn.Module, Any,
     return model, _cached_tokenizer(folder), str(folder)
 
 
+@contextlib.contextmanager
+def _gguf_parsed_once():
+    """Within the block, ``gguf.GGUFReader(path)`` parses each file once and ``gguf.get_tensor_name_map`` is
+    memoised. transformers' GGUF loading opens the file three times (the config, the weights, the tokenizer),
+    and each parse walks the 49k-entry vocabulary field by field (about 7 s each on 2 cores); building the
+    weights' name map creates the same ``TensorNameMap`` once per module (397 times for SmolLM2, about 9 s).
+    Both are read-only objects, so sharing them changes no result (checked on transformers 5.25 / gguf 0.19: the
+    same tensors bit for bit and the same tokenizer and config files as three separate parses, in 21 s instead
+    of 45 s); transformers imports both names from ``gguf`` at call time, which is what makes the swap reach
+    it. Restored on exit (``tests/test_llm.py``); used only under the cache's file lock, by one thread."""
+    import gguf
+
+    reader_class, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    parsed: dict[tuple, Any] = {}
+
+    def reader(path: Any, *args: Any, **kwargs: Any) -> Any:
+        key = (str(Path(path).resolve()), args, tuple(sorted(kwargs.items())))
+        if key not in parsed:
+            parsed[key] = reader_class(path, *args, **kwargs)
+        return parsed[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader_class, name_map
+
+
 def _dequantise_smollm2(gguf: Path, folder: Path) -> None:
     """The GGUF file de-quantised into a transformers folder (model and tokenizer), written atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     logger.info("de-quantising %s once into %s", gguf, folder)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    with _gguf_parsed_once():
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # transformers de-quantises GGUF tensors while loading, so the weights are plain float32 already; only
     # the "quantized with gguf" marks remain, and they block save_pretrained and would point the saved
     # copy back at the GGUF file.

@@ -204,6 +204,7 @@ def test_model_hands_the_bridge_tokens_to_the_head():
         assert torch.equal(out.modality_input, model.encode(batch))
 
 
+@pytest.mark.slow
 def test_tiny_training_run_reports_all_search_metrics(tmp_path):
     """The single-image form (pairing: single) with identity batches and the cross-modal term."""
     from allspark.config import load_config
@@ -353,6 +354,7 @@ def test_paired_form_feeds_both_streams():
     assert vis > 0 and ir == 0 and embed[0] > 0 and embed[1] == 0
 
 
+@pytest.mark.slow
 def test_tiny_paired_training_run_beats_chance(tmp_path):
     """The default form: visible-infrared pairs in training (with the config's stream dropout), single images of
     each modality through their own stream in the all-search evaluation."""

@@ -278,3 +278,37 @@ def test_the_cached_default_tokenizer_is_parsed_once_and_each_load_gets_its_own_
     assert second.pad_token != "<|im_start|>" and second.chat_template != "{{ messages }}"
     assert second("a test sentence").input_ids == first("a test sentence").input_ids
     assert second._tokenizer is first._tokenizer  # one parsed backend, not a second parse
+
+
+def test_gguf_files_are_parsed_once_inside_the_block_and_the_library_is_restored(tmp_path):
+    """``_gguf_parsed_once``: the same path gives the same parsed reader (transformers opens the file three
+    times), another path its own; the name map is memoised; both names are the library's own again after the
+    block, also when it raises."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    from allspark.llm import _gguf_parsed_once
+
+    paths = []
+    for name, value in (("a", 1), ("b", 2)):
+        writer = gguf.GGUFWriter(str(tmp_path / f"{name}.gguf"), arch="llama")
+        writer.add_uint32("test.value", value)
+        writer.add_tensor("t", np.full((2, 3), value, dtype=np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        paths.append(tmp_path / f"{name}.gguf")
+    reader_class, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with _gguf_parsed_once():
+        first, again, other = gguf.GGUFReader(paths[0]), gguf.GGUFReader(str(paths[0])), gguf.GGUFReader(paths[1])
+        assert first is again and other is not first and isinstance(first, reader_class)
+        assert int(first.fields["test.value"].parts[-1][0]) == 1 and int(other.fields["test.value"].parts[-1][0]) == 2
+        assert np.array_equal(np.asarray(other.tensors[0].data), np.full((2, 3), 2, dtype=np.float32))
+        arch = gguf.MODEL_ARCH.LLAMA
+        assert gguf.get_tensor_name_map(arch, 2) is gguf.get_tensor_name_map(arch, 2)
+    assert gguf.GGUFReader is reader_class and gguf.get_tensor_name_map is name_map
+    with pytest.raises(RuntimeError, match="inside"):
+        with _gguf_parsed_once():
+            raise RuntimeError("inside")
+    assert gguf.GGUFReader is reader_class and gguf.get_tensor_name_map is name_map

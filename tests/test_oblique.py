@@ -143,6 +143,7 @@ def test_depth_protocol_by_hand():
     assert m["baseline/image_median/PAG6"] == pytest.approx(4 / 7)
 
 
+@pytest.mark.slow
 def test_tiny_oblique_run_writes_depth_metrics_and_report(tmp_path):
     from allspark.config import load_config
     from allspark.evaluate_run import evaluate_checkpoint

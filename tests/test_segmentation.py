@@ -353,6 +353,7 @@ def test_every_demo_tile_is_written_in_the_contest_layout():
     assert colours <= {tuple(c) for c in VAIHINGEN_PALETTE} and len(colours) >= 4
 
 
+@pytest.mark.slow
 def test_tiny_vaihingen_run_beats_the_per_pixel_baseline_and_reports_maps(tmp_path):
     from allspark.evaluate_run import evaluate_checkpoint
     from allspark.config import load_config
@@ -466,6 +467,7 @@ def test_globe230k_bad_input_is_one_clear_error_naming_the_file(tmp_path):
         Globe230k(root, "val", patch=8)
 
 
+@pytest.mark.slow
 def test_tiny_globe230k_run_beats_the_per_pixel_baseline(tmp_path):
     from allspark.config import load_config
     from allspark.training import train

@@ -228,6 +228,7 @@ def _subprocess_env() -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 def test_ctrl_c_leaves_a_complete_checkpoint_that_resumes_exactly(tmp_path):
     out = tmp_path / "cut"
     log = out / "log.jsonl"

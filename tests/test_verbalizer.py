@@ -275,6 +275,7 @@ def test_evaluate_and_predict_take_a_label_file_and_change_no_weight(trained_run
         replace_label_set(linear, same)
 
 
+@pytest.mark.slow
 def test_calibration_subtracts_the_names_mean_score_on_training_inputs(trained_run, tmp_path):
     """``calibrate_label_set``: the prior is the mean of the uncalibrated logits over the chosen inputs (by hand),
     later logits are the raw ones minus it, ``pred`` their argmax; new names clear it; no weight changes.
@@ -365,6 +366,7 @@ def test_bad_label_sets_are_one_clear_error(prompt_first, tmp_path):
     model.eval()
 
 
+@pytest.mark.slow
 def test_answer_weight_adds_the_true_names_lm_loss_and_trains_generation():
     """answer_weight: loss = choice cross-entropy + w * mean token NLL of the true name (hand-computed from the
     head's own scores); trained with it on one batch, greedy ``ask`` with the task's prompt starts with the class
