@@ -126,25 +126,28 @@ class AllSpark(nn.Module):
         self.text_codec = TextCodec(tok, mcfg.text_input) if not len(self.encoders) else None
         if self.text_codec is not None and getattr(self.head, "choices", None):
             self.text_codec.check_choices(self.head.choices)
-        self._hold_parameters(getattr(cfg.train, "train_only", None) or [])
+        self._hold_parameters(getattr(cfg.train, "train_only", None) or [], shared_llm=llm is not None)
         self._hold_unused_path(shared_llm=llm is not None)
 
-    def _hold_parameters(self, patterns: list[str]) -> None:
+    def _hold_parameters(self, patterns: list[str], shared_llm: bool = False) -> None:
         """``train.train_only``: only trainable parameters whose name matches one of these shell patterns
         keep training; the others are held fixed (no gradient) but stay in the checkpoint (a training stage
-        that freezes what an earlier stage trained)."""
+        that freezes what an earlier stage trained). ``shared_llm``: the LLM (and its adapters) belongs to a
+        multi-task model, whose own ``train.train_only`` decides about them: the patterns reach this model's own
+        parts only (encoders, bridge, head)."""
         import fnmatch
 
         self._held: set[str] = set()
         if not patterns:
             return
-        names = [n for n, p in self.named_parameters() if p.requires_grad]
+        own = lambda n: not (shared_llm and n.startswith("llm."))  # noqa: E731
+        names = [n for n, p in self.named_parameters() if p.requires_grad and own(n)]
         for pattern in patterns:
             if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
                 raise ConfigError(f"train.train_only pattern {pattern!r} matches no trainable parameter; "
                                  f"they are named like {names[:6]}")
         for name, p in self.named_parameters():
-            if p.requires_grad and not any(fnmatch.fnmatchcase(name, pat) for pat in patterns):
+            if p.requires_grad and own(name) and not any(fnmatch.fnmatchcase(name, pat) for pat in patterns):
                 p.requires_grad_(False)
                 self._held.add(name)
 

@@ -150,6 +150,12 @@ class JointTrainConfig:
     ddp_kwargs: dict[str, Any] = field(default_factory=dict)
     #: evaluate the best weights of every task on its test split at the end
     test_at_end: bool = True
+    #: shell patterns over the joint model's parameter names (``llm.*lora*``, ``bridge.*``, ``tasks.rgb.head.*``):
+    #: only the trainable parameters matching one keep training; the others are held (no gradient, not in the
+    #: optimizer) and stay in the checkpoint. Empty: all train. A task's own ``train.train_only`` holds within
+    #: that task's parts (its patterns as in a single-task run: ``head.*``, ``encoders.0.*``); the shared
+    #: adapters and bridge follow this list only
+    train_only: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -320,7 +326,9 @@ def _in_task(name: str) -> Iterator[None]:
         raise again from exc
 
 
-_JOINT_ONLY_TRAIN_KEYS = ("stages", "train_only", "init_from")
+#: a task's ``train`` keys that a joint run refuses (its ``train.train_only`` is taken: it holds that task's own
+#: parts; the joint ``train.train_only`` decides about the shared ones)
+_JOINT_ONLY_TRAIN_KEYS = ("stages", "init_from")
 
 
 def resolve_task_configs(jcfg: JointConfig) -> dict[str, Config]:
@@ -591,6 +599,28 @@ class MultiTaskAllSpark(nn.Module):
         for name, p in self.named_parameters():
             task = self._task_of(name)
             if p.requires_grad and ((task is None and shared) or task in tasks):
+                p.requires_grad_(False)
+                held.append(name)
+        return held
+
+    def train_only(self, patterns: Sequence[str]) -> list[str]:
+        """``joint.train.train_only``: of the trainable parameters, only those whose joint name (``llm.<name>``,
+        ``bridge.<name>``, ``tasks.<task>.<name>``) matches one of the shell ``patterns`` keep training; the others
+        are held as :meth:`hold` holds them (still in :meth:`trainable_state_dict`). A pattern that matches no
+        trainable parameter is a config error. Returns the names held."""
+        import fnmatch
+
+        names = [n for n, p in self.named_parameters() if p.requires_grad]
+        for pattern in patterns:
+            if not isinstance(pattern, str) or not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                raise ConfigError(f"joint.train.train_only pattern {pattern!r} matches no trainable parameter of the "
+                                  f"joint model; they are named like {names[:3] + names[-3:]}")
+        if not patterns:
+            return []
+        self._state_names = list(self.trainable_state_dict())
+        held = []
+        for name, p in self.named_parameters():
+            if p.requires_grad and not any(fnmatch.fnmatchcase(name, pat) for pat in patterns):
                 p.requires_grad_(False)
                 held.append(name)
         return held
@@ -1033,6 +1063,10 @@ def train_joint(jcfg: JointConfig, output_dir: str | Path, *, resume: str | Path
         held = model.hold(list(held_cfgs), shared=True)
         logger.info("init_from %s: tasks %s and the shared adapters%s held (%d tensors); training %s", start,
                     list(held_cfgs), " and bridge" if model.bridge is not None else "", len(held), names)
+    if tcfg.train_only:
+        held = model.train_only(tcfg.train_only)
+        logger.info("train.train_only %s: %d parameter tensors held, %d train", list(tcfg.train_only), len(held),
+                    sum(p.requires_grad for p in model.parameters()))
     for name, run in runs.items():
         run.model = model.tasks[name]
         with _in_task(name):

@@ -766,6 +766,49 @@ def test_processes_that_draw_different_tasks_stop_with_an_error():
 
 # -- bad input -----------------------------------------------------------------------------------------------------
 
+def test_train_only_holds_a_task_s_own_parts_and_the_joint_list_the_shared_ones(tmp_path, monkeypatch):
+    """A task's ``train.train_only`` holds the parts of that task it does not match (the shared adapters and the
+    other task train on); ``joint.train.train_only`` holds every trainable parameter of the joint model it does not
+    match. Held tensors end bit for bit as they started and are saved in the checkpoint; a pattern that matches
+    nothing is refused before anything is written."""
+    from allspark import training
+
+    starts = []  # the trainable state when the optimizer is built (after the data-dependent starts)
+    real = training.build_optimizer
+    monkeypatch.setattr(training, "build_optimizer", lambda cfg, model: (
+        starts.append({k: v.clone() for k, v in model.trainable_state_dict().items()}), real(cfg, model))[1])
+
+    def changed(extra, out):
+        train_joint(_joint("joint.train.steps=6", "joint.train.eval_every_steps=6", *extra), out)
+        end = load_file(str(out / "best" / "model.safetensors"))
+        start = starts[-1]
+        assert sorted(end) == sorted(start), "held parts stay in the checkpoint"
+        return {k for k in start if not torch.equal(start[k], end[k])}, set(start)
+
+    moved, every = changed(["hsi:train.train_only=[head.*]"], tmp_path / "task")
+    hsi_held = {k for k in every if k.startswith(("tasks.hsi.encoders.", "tasks.hsi.bridge."))}
+    assert hsi_held and not moved & hsi_held
+    assert any(k.startswith("tasks.hsi.head.") for k in moved)
+    assert any(k.startswith("llm.") for k in moved) and any(k.startswith("tasks.table.") for k in moved)
+
+    moved, every = changed(["joint.train.train_only=[tasks.*]"], tmp_path / "joint")
+    adapters = {k for k in every if k.startswith("llm.")}
+    assert adapters and not moved & adapters
+    assert any(k.startswith("tasks.hsi.encoders.") for k in moved) and any(k.startswith("tasks.table.") for k in moved)
+
+    with pytest.raises(ConfigError, match=r"joint.train.train_only pattern 'bridge\.\*' matches no trainable "
+                                          r"parameter of the joint model"):
+        train_joint(_joint("joint.train.train_only=[bridge.*]"), tmp_path / "bad")  # one bridge per task here
+    with pytest.raises(ConfigError, match=r"task 'hsi': train.train_only pattern 'llm.\*' matches no trainable "
+                                          r"parameter"):  # a task's patterns reach its own parts, not the adapters
+        train_joint(_joint("hsi:train.train_only=[llm.*]"), tmp_path / "bad")
+    with pytest.raises(ConfigError, match=r"train.stages is set .* a joint run does not support it yet"):
+        resolve_task_configs(load_joint_config(tasks=["hsi", "table"], overrides=[
+            *TINY, "hsi:train.stages=[{name: a, overrides: {}}]"]))
+    reset_accelerate()
+    assert not (tmp_path / "bad").exists()
+
+
 def test_bad_task_lists_fail_with_one_clear_error(tmp_path):
     with pytest.raises(ConfigError, match=r"task 'hyperspectral': unknown modality 'hyperspectral'.*Known modali.*hsi"):
         resolve_task_configs(load_joint_config(tasks=["hsi", "hyperspectral"], overrides=TINY[:1]))
