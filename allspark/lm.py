@@ -34,7 +34,7 @@ from torch import nn
 from allspark.llm import BottleneckAdapter, LoadedLLM
 from allspark.types import LMPrefix
 
-__all__ = ["LanguageModel", "DecoderRun", "PEFT_PREFIX", "adapters_off", "cache_rows", "pad_rows"]
+__all__ = ["LanguageModel", "DecoderRun", "PEFT_PREFIX", "adapters_off", "cache_rows", "pad_rows", "prefix_rows"]
 
 #: the key prefix of ``PeftModel.save_pretrained`` weights
 PEFT_PREFIX = "base_model.model."
@@ -64,6 +64,15 @@ def cache_rows(cache: Any, index: torch.Tensor) -> Any:
     from transformers import DynamicCache
 
     return DynamicCache(ddp_cache_data=[(layer.keys[index], layer.values[index]) for layer in cache.layers])
+
+
+def prefix_rows(prefix: LMPrefix, index: torch.Tensor) -> LMPrefix:
+    """Rows ``index`` of a prefix (its tensors and a copy of those rows of its cache), for continuing only some
+    samples of a batch (the verbalizer's labelled training rows)."""
+    return LMPrefix(embeds=prefix.embeds[index], attention_mask=prefix.attention_mask[index],
+                    position_ids=prefix.position_ids[index], last_index=prefix.last_index[index],
+                    next_position=prefix.next_position[index],
+                    cache=None if prefix.cache is None else cache_rows(prefix.cache, index))
 
 
 @contextlib.contextmanager

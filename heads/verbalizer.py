@@ -93,7 +93,7 @@ from torch import nn
 
 from allspark.config import ConfigError
 from allspark.errors import UserError, UserFileNotFoundError
-from allspark.lm import LanguageModel
+from allspark.lm import LanguageModel, prefix_rows
 from allspark.registry import HEADS
 from allspark.types import LLMOutput, Output
 
@@ -406,19 +406,39 @@ class VerbalizerHead(nn.Module):
         return out
 
     # -- scoring ----------------------------------------------------------------------------------
-    def score(self, llm_out: LLMOutput) -> torch.Tensor:
-        """Summed log-likelihood of every name after every sample -> [B, K] float32 (with gradients)."""
+    def score(self, llm_out: LLMOutput, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Summed log-likelihood of every name after every sample -> [B, K] float32 (with gradients). ``rows``:
+        score only these samples (the others' entries are 0): the labelled rows of a training batch."""
         if llm_out.prefix is None:
             raise ValueError(
                 "verbalizer head: the LLM output carries no prefix to continue (LLMOutput.prefix); it is set by "
                 "AllSpark.run_llm for a head with needs_prefix_cache, on the modality (bridge) path only, not the "
                 "text-input path")
-        return self.language_model.continuation_loglik(llm_out.prefix, llm_out.pool("last"), self.choice_ids,
-                                                       lead=self.lead_ids, reuse_prefix=self.reuse_prefix,
-                                                       chunk_rows=self.chunk_rows)
+        prefix, last = llm_out.prefix, llm_out.pool("last")
+        if rows is not None:
+            prefix, last = prefix_rows(prefix, rows), last[rows]
+        scores = self.language_model.continuation_loglik(prefix, last, self.choice_ids, lead=self.lead_ids,
+                                                         reuse_prefix=self.reuse_prefix, chunk_rows=self.chunk_rows)
+        if rows is None:
+            return scores
+        return scores.new_zeros(llm_out.prefix.embeds.shape[0], scores.shape[1]).index_copy(0, rows, scores)
+
+    def _scored_rows(self, labels: torch.Tensor | None) -> torch.Tensor | None:
+        """In training, the rows the loss reads: those with a label (a batch of the fusion demo holds 4 labelled
+        pixels in 32; the unlabelled ones train only the correlation objective, on the encoders). Their names' scores
+        are the whole cost of the head (every name's tokens through every layer), so the other rows are not scored:
+        the same loss and gradients. None: every row (evaluation, or all labelled). A batch with no labelled row
+        scores its first row only, to keep a zero loss in the graph."""
+        if not self.training or labels is None:
+            return None
+        labelled = labels != self.ignore_index
+        if bool(labelled.all()):
+            return None
+        rows = labelled.nonzero()[:, 0]
+        return rows if len(rows) else torch.zeros(1, dtype=torch.long, device=labels.device)
 
     def forward(self, llm_out: LLMOutput, batch: dict[str, Any]) -> Output:
-        name_loglik = self.score(llm_out)
+        name_loglik = self.score(llm_out, self._scored_rows(batch.get(self.label_key)))
         lengths = torch.tensor([len(c) for c in self.choice_ids], dtype=name_loglik.dtype, device=name_loglik.device)
         per_name = name_loglik / lengths if self.length_norm == "mean" else name_loglik
         logits = self._class_scores(per_name)

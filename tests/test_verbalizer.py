@@ -145,6 +145,47 @@ def test_gradient_reaches_bridge_encoder_and_adapters_also_with_checkpointing(pr
     model.zero_grad()
 
 
+def test_training_scores_only_the_labelled_rows_with_the_same_loss_and_gradients(monkeypatch):
+    """In training, rows without a label (ignore_index: the fusion demo's unlabelled pixels) are not scored: the
+    names run after the labelled rows only, and the loss (with the answer term) and every gradient equal those of
+    scoring the whole batch. Evaluation scores every row; a batch with no labelled row scores one and its zero
+    loss still reaches the graph."""
+    model, train = _model("model.llm.adapter.dropout=0.0", "model.head.args={answer_weight: 0.5}")
+    batch = _batch(train)
+    batch["label"] = batch["label"].clone()
+    batch["label"][[1, 4, 5, 8]] = -1
+    seen = []
+    real = model.head.language_model.continuation_loglik
+    monkeypatch.setattr(model.head.language_model, "continuation_loglik",
+                        lambda prefix, *a, **kw: (seen.append(prefix.embeds.shape[0]), real(prefix, *a, **kw))[1])
+
+    def loss_and_grads(b):
+        model.train()
+        model.zero_grad()
+        torch.manual_seed(1)  # the same prompts drawn
+        loss = model(b).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    part_loss, part_grads = loss_and_grads(batch)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(VerbalizerHead, "_scored_rows", lambda self, labels: None)  # every row, as before
+        full_loss, full_grads = loss_and_grads(batch)
+    assert seen == [5, 9]
+    assert part_loss.item() == pytest.approx(full_loss.item(), rel=1e-6)
+    assert sorted(part_grads) == sorted(full_grads) and any(n.startswith("llm.") for n in full_grads)
+    for name, grad in full_grads.items():
+        assert torch.allclose(part_grads[name], grad, rtol=1e-4, atol=1e-7), name
+    model.eval()
+    with torch.no_grad():
+        model(batch)
+    assert seen[-1] == 9, "evaluation scores every row"
+    none = {**batch, "label": torch.full_like(batch["label"], -1)}
+    loss, grads = loss_and_grads(none)
+    assert seen[-1] == 1 and loss.item() == 0.0
+    assert any(n.startswith("llm.") for n in grads) and all(not g.any() for g in grads.values()), "in the graph, zero"
+
+
 def test_training_loss_falls_and_a_new_label_set_changes_pred_not_weights(tmp_path):
     model, train = _model(WIDER_TINY)
     batch = _batch(train)
