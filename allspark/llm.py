@@ -441,8 +441,14 @@ def _gguf_parsed_once():
     same tensors bit for bit and the same tokenizer and config files as three separate parses, in 21 s instead
     of 45 s); transformers imports both names from ``gguf`` at call time, which is what makes the swap reach
     it. Restored on exit (``tests/test_llm.py``); used only under the cache's file lock, by one thread."""
-    import gguf
-
+    try:
+        import gguf
+    except ImportError:  # transformers' own loading says what to install
+        yield
+        return
+    if not (hasattr(gguf, "GGUFReader") and hasattr(gguf, "get_tensor_name_map")):  # another gguf: plain loading
+        yield
+        return
     reader_class, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
     parsed: dict[tuple, Any] = {}
 
