@@ -156,6 +156,11 @@ class JointTrainConfig:
     #: that task's parts (its patterns as in a single-task run: ``head.*``, ``encoders.0.*``); the shared
     #: adapters and bridge follow this list only
     train_only: list[str] = field(default_factory=list)
+    #: training stages in order, each ``{name, overrides}``: the run's config with the stage's overrides (keys as on
+    #: the command line: ``joint.train.train_only``, ``TASK:key``, or ``key`` for every task), trained into
+    #: ``stage<i>-<name>/``, each stage after the first starting from the previous stage's ``best/`` (``start_from``);
+    #: the last stage's ``best/`` becomes the run's
+    stages: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -199,6 +204,10 @@ class JointConfig:
     #: shared bridge, which new tasks enter through their own projections) are loaded and held fixed, and only this
     #: config's tasks (none of which it may hold) train; the result serves all of them
     init_from: str | None = None
+    #: a joint checkpoint (a run folder or its ``best/``) whose weights the run starts from: every task of this run
+    #: and the shared parts are loaded, and all of them train (unless ``train.train_only`` holds some); the next
+    #: stage of ``train.stages`` starts from the previous stage's ``best/`` this way
+    start_from: str | None = None
 
     def task_specs(self) -> list[TaskSpec]:
         """The task list as :class:`TaskSpec` (names checked: present, unique, usable as module names)."""
@@ -294,13 +303,19 @@ def load_joint_config(path: str | Path | None = None, *, tasks: Sequence[str] | 
     raw = _read_yaml(Path(path)) if path is not None else {"tasks": list(tasks)}
     if path is not None and "tasks" not in raw:
         raise ConfigError(f"{path} is not a joint config: it has no top-level `tasks:` list")
+    cfg = _with_overrides(raw, overrides)
+    if data_root is not None:
+        cfg.data_root = str(data_root)
+    return cfg
+
+
+def _with_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> JointConfig:
+    """A joint config's mapping with command-line ``overrides`` applied (``joint.key``, ``TASK:key``, ``key``)."""
     joint, common, per_task = _split_overrides(overrides, None)
     raw = apply_overrides(raw, joint, JointConfig)
     cfg = from_dict(JointConfig, raw)
     names = {s.name for s in cfg.task_specs()}
     _split_overrides(overrides, names)  # a TASK: prefix must name a listed task
-    if data_root is not None:
-        cfg.data_root = str(data_root)
     specs = cfg.task_specs()
     cfg.overrides = {**cfg.overrides, **common}
     entries = []
@@ -328,7 +343,9 @@ def _in_task(name: str) -> Iterator[None]:
 
 #: a task's ``train`` keys that a joint run refuses (its ``train.train_only`` is taken: it holds that task's own
 #: parts; the joint ``train.train_only`` decides about the shared ones)
-_JOINT_ONLY_TRAIN_KEYS = ("stages", "init_from")
+_JOINT_ONLY_TRAIN_KEYS = {"stages": "joint.train.stages (stages of the whole joint run)",
+                          "init_from": "joint.init_from (extend a joint checkpoint) or joint.start_from (start from "
+                                       "one)"}
 
 
 def resolve_task_configs(jcfg: JointConfig) -> dict[str, Config]:
@@ -351,8 +368,9 @@ def resolve_task_configs(jcfg: JointConfig) -> dict[str, Config]:
             cfg = _load_task_config(jcfg, spec, took, skipped)
             for key in _JOINT_ONLY_TRAIN_KEYS:
                 if getattr(cfg.train, key):
-                    raise ConfigError(f"train.{key} is set ({getattr(cfg.train, key)!r}); a joint run does not "
-                                      f"support it yet (train the task alone, or set {spec.name}:train.{key}=null)")
+                    raise ConfigError(f"train.{key} is set ({getattr(cfg.train, key)!r}) in the task's config; "
+                                      f"a joint run takes {_JOINT_ONLY_TRAIN_KEYS[key]} instead (set "
+                                      f"{spec.name}:train.{key}=null)")
         cfgs[spec.name] = cfg
     if jcfg.recipe is not None:
         if not took and skipped:
@@ -981,6 +999,83 @@ def _bridge_settings(jcfg: JointConfig, start: Path | None) -> tuple[bool, int |
     return held["shared"], held["width"]
 
 
+def _start_from(model: MultiTaskAllSpark, path: str) -> None:
+    """``start_from``: every task's and the shared weights from a joint checkpoint (all of this run's tasks, no
+    other)."""
+    start = Path(path).expanduser()
+    if not is_joint_checkpoint(start):
+        raise UserError(f"start_from {start}: not a joint checkpoint (a joint run folder or its best/, with "
+                        "joint.yaml and tasks/<name>/config.yaml)")
+    start = resolve_joint_checkpoint(start)
+    report = model.load_trainable_state_dict(load_file(str(start / WEIGHTS_NAME)), strict=False)
+    if report.missing_tasks or report.unexpected_tasks:
+        raise ConfigError(f"start_from {start}: it must hold exactly this run's tasks {model.task_names}; it lacks "
+                          f"{report.missing_tasks} and holds {report.unexpected_tasks} besides")
+    logger.info("start_from %s: %d tensors loaded, every task trains from them", start, report.loaded)
+
+
+def train_joint_stages(jcfg: JointConfig, output_dir: str | Path, *, resume: str | Path | bool | None = None,
+                       step_callback: Callable[[JointState], None] | None = None) -> dict[str, Any]:
+    """``joint.train.stages`` in order (for example the whole model first, then the heads alone with
+    ``joint.train.train_only``): stage ``i`` is ``jcfg`` with the stage's overrides, trained by :func:`train_joint`
+    into ``output_dir/stage<i>-<name>``, each stage after the first starting from the previous one's ``best/``.
+    Then the last stage's ``best/`` is copied to ``output_dir/best`` and ``output_dir/metrics.json`` holds the last
+    stage's metrics with every stage's under ``stages``. ``resume``: finished stages (with a ``metrics.json``) are
+    skipped and the unfinished one continues from its newest checkpoint."""
+    import copy
+    import shutil
+
+    from accelerate import PartialState
+
+    from allspark.evaluation import write_metrics
+    from allspark.steploop import find_latest_checkpoint
+
+    output_dir = Path(output_dir)
+    if resume not in (None, True, False) and Path(resume).resolve() != output_dir.resolve():
+        raise UserError(f"--resume {resume}: a joint run with train.stages resumes as a whole: give --resume without "
+                        f"a path (or the run folder {output_dir})")
+    base = asdict(jcfg)
+    base["train"]["stages"] = []
+    stages = []
+    for i, stage in enumerate(jcfg.train.stages):  # every stage checked before the first trains
+        if not isinstance(stage, dict) or not isinstance(stage.get("name"), str) or set(stage) - {"name", "overrides"}:
+            raise ConfigError(f"joint.train.stages[{i}] must be {{name: str, overrides: {{key: value}}}}, got "
+                              f"{stage!r}")
+        overrides = stage.get("overrides") or {}
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"joint.train.stages[{i}] ({stage['name']}): overrides must be a mapping of keys "
+                              f"(joint.key, TASK:key, key) to values, got {overrides!r}")
+        if any(k in ("joint.train.stages", "joint.start_from") for k in overrides):
+            raise ConfigError(f"joint.train.stages[{i}] ({stage['name']}) cannot set train.stages or start_from")
+        strings = [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
+        stages.append((stage["name"], _with_overrides(copy.deepcopy(base), strings)))
+    results: dict[str, Any] = {}
+    previous: Path | None = None
+    metrics: dict[str, Any] = {}
+    for i, (name, stage_cfg) in enumerate(stages):
+        if previous is not None:
+            stage_cfg.start_from = str(previous)
+            stage_cfg.init_from = None  # the previous stage's checkpoint holds those tasks already
+        stage_dir = output_dir / f"stage{i + 1}-{name}"
+        if resume and (stage_dir / "metrics.json").is_file():
+            metrics = json.loads((stage_dir / "metrics.json").read_text())
+        else:
+            stage_resume = True if resume and find_latest_checkpoint(stage_dir) is not None else None
+            logger.info("joint training stage %d/%d: %s", i + 1, len(stages), name)
+            metrics = train_joint(stage_cfg, stage_dir, resume=stage_resume, step_callback=step_callback)
+        results[name] = metrics
+        previous = stage_dir / BEST_DIR
+    final = {**metrics, "stages": results}
+    if PartialState().is_main_process:
+        atomic_write_text(output_dir / JOINT_CONFIG_NAME, _yaml(jcfg))
+        with atomic_dir(output_dir / BEST_DIR) as tmp:
+            for f in previous.iterdir():
+                (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
+        write_metrics(output_dir / "metrics.json", final)
+    PartialState().wait_for_everyone()
+    return final
+
+
 def train_joint(jcfg: JointConfig, output_dir: str | Path, *, resume: str | Path | bool | None = None,
                 step_callback: Callable[[JointState], None] | None = None) -> dict[str, Any]:
     """Train one model over ``jcfg``'s tasks into ``output_dir``; returns the test metrics of the best joint
@@ -1004,6 +1099,8 @@ def train_joint(jcfg: JointConfig, output_dir: str | Path, *, resume: str | Path
     from allspark.training import _flat_config, build_optimizer, ddp_handlers, trackers
     from accelerate.utils import GradientAccumulationPlugin, set_seed
 
+    if jcfg.train.stages:
+        return train_joint_stages(jcfg, output_dir, resume=resume, step_callback=step_callback)
     output_dir = Path(output_dir)
     tcfg = jcfg.train
     specs = {s.name: s for s in jcfg.task_specs()}
@@ -1048,7 +1145,7 @@ def train_joint(jcfg: JointConfig, output_dir: str | Path, *, resume: str | Path
     model = MultiTaskAllSpark({**held_cfgs, **cfgs}, {**held_infos, **{n: r.info for n, r in runs.items()}},
                               loss_weights={n: s.loss_weight for n, s in specs.items()},
                               shared_bridge=shared_bridge, bridge_width=bridge_width)
-    if resume_ckpt is None:  # data-dependent starts (e.g. a forecast head's least-squares skip), as train() does
+    if resume_ckpt is None and not jcfg.start_from:  # data-dependent starts (a forecast head's least-squares skip)
         from allspark import training
 
         init = getattr(training, "init_from_data", None)
@@ -1063,6 +1160,8 @@ def train_joint(jcfg: JointConfig, output_dir: str | Path, *, resume: str | Path
         held = model.hold(list(held_cfgs), shared=True)
         logger.info("init_from %s: tasks %s and the shared adapters%s held (%d tensors); training %s", start,
                     list(held_cfgs), " and bridge" if model.bridge is not None else "", len(held), names)
+    if jcfg.start_from and resume_ckpt is None:
+        _start_from(model, jcfg.start_from)
     if tcfg.train_only:
         held = model.train_only(tcfg.train_only)
         logger.info("train.train_only %s: %d parameter tensors held, %d train", list(tcfg.train_only), len(held),

@@ -802,9 +802,53 @@ def test_train_only_holds_a_task_s_own_parts_and_the_joint_list_the_shared_ones(
     with pytest.raises(ConfigError, match=r"task 'hsi': train.train_only pattern 'llm.\*' matches no trainable "
                                           r"parameter"):  # a task's patterns reach its own parts, not the adapters
         train_joint(_joint("hsi:train.train_only=[llm.*]"), tmp_path / "bad")
-    with pytest.raises(ConfigError, match=r"train.stages is set .* a joint run does not support it yet"):
+    with pytest.raises(ConfigError, match=r"task 'hsi': train.stages is set .* in the task's config; a joint run takes "
+                                          r"joint.train.stages"):
         resolve_task_configs(load_joint_config(tasks=["hsi", "table"], overrides=[
             *TINY, "hsi:train.stages=[{name: a, overrides: {}}]"]))
+    reset_accelerate()
+    assert not (tmp_path / "bad").exists()
+
+
+def test_joint_stages_run_in_order_from_the_last_best_and_a_resume_skips_finished_stages(tmp_path, monkeypatch):
+    """``joint.train.stages``: stage 2 starts from stage 1's ``best/`` (the optimizer is built on those weights) and
+    trains only what its ``train_only`` names; the run's ``best/`` is stage 2's and evaluates; a resume skips a
+    finished stage and retrains an unfinished one to the same weights; a malformed stage is refused first."""
+    import shutil
+
+    from allspark import training
+    from allspark.multitask import evaluate_joint
+
+    starts = []
+    real = training.build_optimizer
+    monkeypatch.setattr(training, "build_optimizer", lambda cfg, model: (
+        starts.append({k: v.clone() for k, v in model.trainable_state_dict().items()}), real(cfg, model))[1])
+    stages = ('[{name: all, overrides: {}}, {name: heads, overrides: {joint.train.train_only: ["tasks.*.head.*"], '
+              'joint.train.lr: 0.01}}]')
+    cfg = _joint("joint.train.steps=6", "joint.train.eval_every_steps=6", "joint.train.test_at_end=true",
+                 f"joint.train.stages={stages}")
+    out = tmp_path / "staged"
+    metrics = train_joint(cfg, out)
+    first = load_file(str(out / "stage1-all" / "best" / "model.safetensors"))
+    end = load_file(str(out / "best" / "model.safetensors"))
+    assert len(starts) == 2 and sorted(starts[1]) == sorted(first) == sorted(end)
+    assert all(torch.equal(starts[1][k], first[k]) for k in first), "stage 2 starts from stage 1's best weights"
+    heads = {k for k in end if ".head." in k}
+    assert heads and any(not torch.equal(end[k], first[k]) for k in heads)
+    assert all(torch.equal(end[k], first[k]) for k in end if k not in heads), "stage 2 trains the heads only"
+    assert list(metrics["stages"]) == ["all", "heads"] and sorted(metrics["tasks"]) == ["hsi", "table"]
+    assert json.loads((out / "metrics.json").read_text())["tasks"]["hsi"]["OA"] == metrics["tasks"]["hsi"]["OA"]
+    assert sorted(evaluate_joint(out, output_dir=tmp_path / "eval")["tasks"]) == ["hsi", "table"]
+
+    steps = []
+    shutil.rmtree(out / "stage2-heads")
+    again = train_joint(cfg, out, resume=True, step_callback=lambda state: steps.append(state.global_step))
+    assert steps == [1, 2, 3, 4, 5, 6], "stage 1 skipped, stage 2 trained again"
+    redone = load_file(str(out / "best" / "model.safetensors"))
+    assert all(torch.equal(redone[k], end[k]) for k in end) and again["tasks"]["hsi"]["OA"] == metrics["tasks"]["hsi"]["OA"]
+
+    with pytest.raises(ConfigError, match=r"joint.train.stages\[1\] must be \{name: str, overrides"):
+        train_joint(_joint('joint.train.stages=[{name: a}, {overrides: {}}]'), tmp_path / "bad")
     reset_accelerate()
     assert not (tmp_path / "bad").exists()
 
