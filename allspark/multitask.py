@@ -1053,9 +1053,8 @@ def train_joint_stages(jcfg: JointConfig, output_dir: str | Path, *, resume: str
     previous: Path | None = None
     metrics: dict[str, Any] = {}
     for i, (name, stage_cfg) in enumerate(stages):
-        if previous is not None:
+        if previous is not None:  # (an init_from stays: its tasks stay held, their weights as the checkpoint's)
             stage_cfg.start_from = str(previous)
-            stage_cfg.init_from = None  # the previous stage's checkpoint holds those tasks already
         stage_dir = output_dir / f"stage{i + 1}-{name}"
         if resume and (stage_dir / "metrics.json").is_file():
             metrics = json.loads((stage_dir / "metrics.json").read_text())
