@@ -125,6 +125,7 @@ def test_pointbert_tokens_and_input_checks():
 
 
 # -- end to end ------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_tiny_training_run_writes_top1_and_macc(tmp_path):
     from allspark.config import load_config
     from allspark.training import train

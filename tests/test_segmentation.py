@@ -534,7 +534,7 @@ def test_without_conditioning_the_llm_path_is_not_run(monkeypatch):
     assert calls
 
 
-@pytest.mark.parametrize("modality", ["vaihingen", "globe230k"])
+@pytest.mark.parametrize("modality", ["vaihingen", pytest.param("globe230k", marks=pytest.mark.slow)])
 def test_hgr_between_the_paired_encoders_trains_every_encoder(modality):
     """``model.alignment.objective=soft_hgr`` on the segmentation configs: the term is in the loss, and on its own
     (``task_weight=0``) its gradient reaches every encoder."""
