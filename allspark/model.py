@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -57,6 +57,28 @@ def _import_plugins() -> None:
     """Import the packages whose import registers the built-in encoders and heads."""
     import encoders  # noqa: F401
     import heads  # noqa: F401
+
+
+def hold_unmatched(module: nn.Module, patterns: Sequence[str], key: str,
+                   own: Callable[[str], bool] = lambda name: True) -> list[str]:
+    """``train_only``: of ``module``'s trainable parameters (those ``own`` accepts), stop the gradient of every one
+    whose name matches none of the shell ``patterns``; returns their names. A pattern that matches no such
+    parameter is a ConfigError naming ``key``. No patterns: nothing held."""
+    import fnmatch
+
+    if not patterns:
+        return []
+    names = [n for n, p in module.named_parameters() if p.requires_grad and own(n)]
+    for pattern in patterns:
+        if not isinstance(pattern, str) or not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            raise ConfigError(f"{key} pattern {pattern!r} matches no trainable parameter; they are named like "
+                              f"{names[:3] + names[-3:]}")
+    held = []
+    for name, p in module.named_parameters():
+        if p.requires_grad and own(name) and not any(fnmatch.fnmatchcase(name, pat) for pat in patterns):
+            p.requires_grad_(False)
+            held.append(name)
+    return held
 
 
 class AllSpark(nn.Module):
@@ -135,21 +157,8 @@ class AllSpark(nn.Module):
         that freezes what an earlier stage trained). ``shared_llm``: the LLM (and its adapters) belongs to a
         multi-task model, whose own ``train.train_only`` decides about them: the patterns reach this model's own
         parts only (encoders, bridge, head)."""
-        import fnmatch
-
-        self._held: set[str] = set()
-        if not patterns:
-            return
-        own = lambda n: not (shared_llm and n.startswith("llm."))  # noqa: E731
-        names = [n for n, p in self.named_parameters() if p.requires_grad and own(n)]
-        for pattern in patterns:
-            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-                raise ConfigError(f"train.train_only pattern {pattern!r} matches no trainable parameter; "
-                                 f"they are named like {names[:6]}")
-        for name, p in self.named_parameters():
-            if p.requires_grad and own(name) and not any(fnmatch.fnmatchcase(name, pat) for pat in patterns):
-                p.requires_grad_(False)
-                self._held.add(name)
+        self._held: set[str] = set(hold_unmatched(self, patterns, "train.train_only",
+                                                  own=lambda n: not (shared_llm and n.startswith("llm."))))
 
     def _build_auxiliary(self, mcfg) -> None:
         """The configured auxiliary losses (``model.alignment``: see :mod:`allspark.auxiliary`), their modules

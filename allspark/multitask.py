@@ -57,7 +57,7 @@ from allspark.config import (Config, ConfigError, apply_overrides, config_dir, c
 from allspark.errors import UserError, UserFileNotFoundError
 from allspark.io import atomic_dir, atomic_write_text
 from allspark.llm import LoadedLLM, load_llm
-from allspark.model import AllSpark
+from allspark.model import AllSpark, hold_unmatched
 from allspark.types import Output
 
 logger = logging.getLogger(__name__)
@@ -626,22 +626,9 @@ class MultiTaskAllSpark(nn.Module):
         ``bridge.<name>``, ``tasks.<task>.<name>``) matches one of the shell ``patterns`` keep training; the others
         are held as :meth:`hold` holds them (still in :meth:`trainable_state_dict`). A pattern that matches no
         trainable parameter is a config error. Returns the names held."""
-        import fnmatch
-
-        names = [n for n, p in self.named_parameters() if p.requires_grad]
-        for pattern in patterns:
-            if not isinstance(pattern, str) or not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-                raise ConfigError(f"joint.train.train_only pattern {pattern!r} matches no trainable parameter of the "
-                                  f"joint model; they are named like {names[:3] + names[-3:]}")
-        if not patterns:
-            return []
-        self._state_names = list(self.trainable_state_dict())
-        held = []
-        for name, p in self.named_parameters():
-            if p.requires_grad and not any(fnmatch.fnmatchcase(name, pat) for pat in patterns):
-                p.requires_grad_(False)
-                held.append(name)
-        return held
+        if patterns:
+            self._state_names = list(self.trainable_state_dict())  # held parts stay in the checkpoint
+        return hold_unmatched(self, patterns, "joint.train.train_only")
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The shared adapters once (``llm.<name>``, the names of a single-task model), the shared bridge once
